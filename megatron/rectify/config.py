@@ -1,0 +1,184 @@
+"""Rectify-Router settings: names, defaults and the validation of impossible combinations.
+
+This module owns the user-facing vocabulary of the method (``--moe-rectify`` and friends) and the
+checks that turn a bad combination into one clear, early error that names the flag and the fix.
+It does not touch tensors, process groups or CUDA.
+
+Two objects live here:
+
+* :class:`RectifyOptions` - a small frozen value object that the pure routing math receives.
+* :class:`RectifyTransformerConfig` - megatron's ``TransformerConfig`` with the ``moe_rectify_*``
+  fields added, so that the settings travel the way every other ``--moe-*`` flag travels in
+  megatron (argparse -> ``core_transformer_config_from_args`` -> ``config``), and are validated in
+  ``__post_init__`` together with megatron's own checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+RECTIFY_MODES = ("none", "ir", "fr", "ir+fr")
+IR_TRIGGERS = ("all", "any", "ignore_kth")
+FILL_IN_CANDIDATES = ("next", "any")
+DROP_POLICIES = ("probs", "position")
+
+RectifyMode = Literal["none", "ir", "fr", "ir+fr"]
+IntraGpuTrigger = Literal["all", "any", "ignore_kth"]
+FillInCandidates = Literal["next", "any"]
+
+
+class RectifyConfigError(ValueError):
+    """A rectify setting that cannot work. The message names the flag and the fix."""
+
+
+@dataclass(frozen=True)
+class RectifyOptions:
+    """What the rectified routing math needs to know, already validated.
+
+    Attributes:
+        intra_gpu: Intra-GPU Rectification (IR) on: dropped tokens go to their best local expert.
+        fill_in: Fill-in Rectification (FR) on: vacant capacity slots take unrouted tokens.
+        ir_trigger: which tokens IR rescues. ``all``: every top-k choice was dropped and no
+            fill-in slot was won (the token would otherwise be computed by nobody); ``any`` and
+            ``ignore_kth``: at least one top-k choice was dropped. The authors' ``any`` also
+            counts a lost fill-in candidate, which makes nearly every token trigger; that
+            combination is refused (``ignore_kth`` is the variant meant for FR).
+        fill_in_candidates: ``next``: a token may fill expert ``e`` only if ``e`` is its
+            (k+1)-th choice; ``any``: any expert outside the token's top-k.
+        straight_through: detach the renormalisation denominator in the backward pass so the
+            router keeps a gradient when a token has a single surviving choice.
+        drop_policy: which top-k request wins a capacity slot (``probs`` or ``position``).
+    """
+
+    intra_gpu: bool = False
+    fill_in: bool = False
+    ir_trigger: IntraGpuTrigger = "all"
+    fill_in_candidates: FillInCandidates = "next"
+    straight_through: bool = True
+    drop_policy: Literal["probs", "position"] = "probs"
+
+    def __post_init__(self) -> None:
+        _check_choice("--moe-rectify-ir-trigger", self.ir_trigger, IR_TRIGGERS)
+        _check_choice(
+            "--moe-rectify-fill-in-candidates", self.fill_in_candidates, FILL_IN_CANDIDATES
+        )
+        _check_choice("--moe-token-drop-policy", self.drop_policy, DROP_POLICIES)
+        if self.intra_gpu and self.fill_in and self.ir_trigger == "any":
+            raise RectifyConfigError(
+                "--moe-rectify-ir-trigger any with fill-in rectification would send almost "
+                "every token to intra-GPU rectification (a lost fill-in candidate counts as a "
+                "drop). Use --moe-rectify-ir-trigger ignore_kth (or all) with --moe-rectify ir+fr."
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """True when any rectification is on (otherwise the router is megatron's TopKRouter)."""
+        return self.intra_gpu or self.fill_in
+
+    @classmethod
+    def from_mode(cls, mode: str, **kwargs: Any) -> RectifyOptions:
+        """Build options from a ``--moe-rectify`` mode: ``none``, ``ir``, ``fr`` or ``ir+fr``."""
+        _check_choice("--moe-rectify", mode, RECTIFY_MODES)
+        return cls(intra_gpu="ir" in mode.split("+"), fill_in="fr" in mode.split("+"), **kwargs)
+
+
+def _check_choice(flag: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise RectifyConfigError(
+            f"{flag} got {value!r}; choose one of: {', '.join(allowed)}."
+        )
+
+
+def validate_rectify_settings(config: Any) -> None:
+    """Refuse combinations that cannot work, before any tensor is built.
+
+    ``config`` is anything with megatron's ``TransformerConfig`` MoE attributes plus the
+    ``moe_rectify*`` fields (a :class:`RectifyTransformerConfig`, or parsed CLI args).
+    """
+    options = rectify_options_from_config(config)
+    if not options.enabled:
+        return
+    mode = config.moe_rectify
+    capacity_factor = getattr(config, "moe_expert_capacity_factor", None)
+    if capacity_factor is None:
+        raise RectifyConfigError(
+            f"--moe-rectify {mode} needs an expert capacity: without "
+            "--moe-expert-capacity-factor routing is dropless, so no token is dropped (nothing "
+            "for IR) and no slot is vacant (nothing for FR). Set e.g. "
+            "--moe-expert-capacity-factor 1.0, or use --moe-rectify none."
+        )
+    num_experts = getattr(config, "num_moe_experts", None)
+    topk = getattr(config, "moe_router_topk", 1)
+    if num_experts is None:
+        raise RectifyConfigError(f"--moe-rectify {mode} needs an MoE model: set --num-experts.")
+    if options.intra_gpu and capacity_factor * topk >= num_experts:
+        raise RectifyConfigError(
+            f"--moe-rectify {mode}: with --moe-expert-capacity-factor {capacity_factor}, "
+            f"top-{topk} and {num_experts} experts every expert can hold every token, so no "
+            "token is ever dropped and intra-GPU rectification has nothing to do. Lower the "
+            "capacity factor or drop 'ir' from --moe-rectify."
+        )
+    routing_type = getattr(config, "moe_router_load_balancing_type", "aux_loss")
+    for unsupported in ("sinkhorn", "quantile_balancing"):
+        if routing_type == unsupported or (
+            isinstance(routing_type, list) and unsupported in routing_type
+        ):
+            raise RectifyConfigError(
+                f"--moe-rectify {mode} is not defined for --moe-router-load-balancing-type "
+                f"{unsupported} (it replaces top-k routing itself). Use aux_loss, seq_aux_loss, "
+                "global_aux_loss or none, or --moe-rectify none."
+            )
+    if getattr(config, "moe_enable_routing_replay", False):
+        raise RectifyConfigError(
+            f"--moe-rectify {mode} cannot be combined with --moe-enable-routing-replay "
+            "(replayed top-k indices bypass the rectified assignment). Turn one of them off."
+        )
+    if topk >= num_experts and options.fill_in and options.fill_in_candidates == "next":
+        raise RectifyConfigError(
+            f"--moe-rectify {mode}: with --moe-router-topk {topk} and {num_experts} experts no "
+            "token has a (k+1)-th choice to fill in with. Use fewer experts per token or "
+            "--moe-rectify-fill-in-candidates any."
+        )
+
+
+def rectify_options_from_config(config: Any) -> RectifyOptions:
+    """Read ``RectifyOptions`` from a config or args object (missing fields mean 'off')."""
+    return RectifyOptions.from_mode(
+        getattr(config, "moe_rectify", "none"),
+        ir_trigger=getattr(config, "moe_rectify_ir_trigger", "all"),
+        fill_in_candidates=getattr(config, "moe_rectify_fill_in_candidates", "next"),
+        straight_through=getattr(config, "moe_rectify_straight_through", True),
+        drop_policy=getattr(config, "moe_token_drop_policy", "probs"),
+    )
+
+
+@dataclass
+class RectifyTransformerConfig(TransformerConfig):
+    """megatron's ``TransformerConfig`` plus the Rectify-Router settings.
+
+    Each field mirrors a CLI flag of the same name (``moe_rectify`` <-> ``--moe-rectify``).
+    """
+
+    moe_rectify: RectifyMode = "none"
+    """Which rectifications run after capacity truncation: none, ir, fr or ir+fr."""
+
+    moe_rectify_ir_trigger: IntraGpuTrigger = "all"
+    """Tokens that intra-GPU rectification rescues: all / any / ignore_kth (see RectifyOptions)."""
+
+    moe_rectify_fill_in_candidates: FillInCandidates = "next"
+    """Fill-in candidates: the (k+1)-th choice only (next) or any non-selected expert (any)."""
+
+    moe_rectify_straight_through: bool = True
+    """Detach the gate-weight denominator in backward (keeps router gradients alive)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_rectify_settings(self)
+
+    @property
+    def rectify_options(self) -> RectifyOptions:
+        """The validated options the routing math consumes."""
+        return rectify_options_from_config(self)

@@ -1,0 +1,392 @@
+"""The Rectify-Router's routing decision as pure tensor functions.
+
+Owns: capacity truncation (both drop policies, deterministic tie-breaking), Fill-in
+Rectification (FR), the Intra-GPU Rectification (IR) assignment and the gate weights with the
+straight-through option, exactly as ``shared/docs/rectify-spec.md`` states them.
+Must not touch: process groups, collectives, CUDA calls, module state. Everything here works on
+whatever device its inputs live on and is the same code on one rank or many.
+
+The steps, in the order a token travels (``rectified_routing`` runs them all):
+
+(1) ``slot_winners``: every expert keeps at most ``capacity`` requests of this
+    rank's tokens. Top-k requests of a higher choice rank are placed before lower ranks; within a
+    rank the drop policy orders them (``probs``: higher probability first, ``position``: earlier
+    token first). With FR, fill-in candidates queue behind every top-k request, ordered by their
+    probability for that expert, so they only take slots that would otherwise be padding.
+(2) ``intra_gpu_rectification``: tokens that lost top-k choices (per the trigger) are assigned to
+    the expert, among this rank's local experts, with the highest *global* probability.
+(3) ``rectified_gate_weights``: ``w_j = p_j / sg(S)`` over the token's surviving choices (fill-in
+    included) plus ``m * p_h`` for its IR expert, ``S`` being the sum of those terms.
+
+Naming (megatron's words, plus ours):
+    logits        router output before the score function, [num_tokens, num_experts].
+    probs         full score distribution ``p`` over all experts (softmax, or sigmoid scores),
+                  [num_tokens, num_experts]; differentiable.
+    topk_indices  the experts each token chose, in choice order, [num_tokens, topk].
+    routing_map   (token, expert) pairs that travel through the expert-parallel all-to-all:
+                  kept top-k requests plus fill-ins, [num_tokens, num_experts] bool.
+    kept_map      top-k requests that won a capacity slot.
+    fill_in_map   vacant slots given to fill-in candidates by FR.
+    dropped_map   top-k requests that lost (capacity full).
+    ir_expert     IR destination per token (global expert index) or -1, [num_tokens].
+    ir_multiplicity  ``m``: the number of top-k choices the token lost, [num_tokens].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from megatron.rectify.config import RectifyOptions
+
+# Bits of the float32 pattern of a probability in [0, 1]: 1.0 is 0x3F800000 < 2**30.
+_PROB_BITS = 30
+
+
+@dataclass
+class RectifiedRouting:
+    """One router call's full decision. All tensors are on the probs' device.
+
+    Attributes:
+        probs: gate weights of the pairs in ``routing_map`` (zero elsewhere), [T, E].
+        routing_map: pairs sent through the all-to-all (kept top-k + fill-in), [T, E] bool.
+        ir_expert: IR destination (global expert index) or -1, [T] long.
+        ir_probs: gate weight of the IR destination (zero where ``ir_expert`` is -1), [T].
+        kept_map: top-k requests that won a slot, [T, E] bool.
+        fill_in_map: slots filled by FR, [T, E] bool.
+        dropped_map: top-k requests that lost their slot, [T, E] bool.
+        capacity: slots per expert for this rank's tokens (``C``).
+    """
+
+    probs: torch.Tensor
+    routing_map: torch.Tensor
+    ir_expert: torch.Tensor
+    ir_probs: torch.Tensor
+    kept_map: torch.Tensor
+    fill_in_map: torch.Tensor
+    dropped_map: torch.Tensor
+    capacity: int
+
+
+@dataclass
+class RoutingStatistics:
+    """Counts for one router call, kept as 0-d tensors so that no device sync is forced.
+
+    ``padded`` counts slots a padded all-to-all would still send and compute with no token in
+    them (``num_experts * capacity - occupied``); ``lost`` counts tokens that no expert computes.
+    """
+
+    num_tokens: int
+    num_requests: int
+    slots: int
+    dropped: torch.Tensor
+    filled_in: torch.Tensor
+    rectified: torch.Tensor
+    occupied: torch.Tensor
+    padded: torch.Tensor
+    lost: torch.Tensor
+    expert_load: torch.Tensor  # [E] tokens per expert, IR tokens included
+
+    def as_percentages(self) -> dict[str, float]:
+        """Human-readable rates (this is where the one host sync happens, for logging)."""
+        requests = max(self.num_requests, 1)
+        slots = max(self.slots, 1)
+        load = self.expert_load.float()
+        mean_load = load.mean().clamp_min(1e-9)
+        return {
+            "dropped_pct": 100.0 * float(self.dropped) / requests,
+            "padded_pct": 100.0 * float(self.padded) / slots,
+            "filled_in_pct": 100.0 * float(self.filled_in) / slots,
+            "rectified_pct": 100.0 * float(self.rectified) / max(self.num_tokens, 1),
+            "lost_pct": 100.0 * float(self.lost) / max(self.num_tokens, 1),
+            "max_over_mean_load": float(load.max() / mean_load) if load.numel() else 0.0,
+        }
+
+
+def topk_indices_to_map(topk_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T, k] expert indices -> [T, E] bool map."""
+    selected = torch.ones_like(topk_indices, dtype=torch.bool)
+    return requests_to_map(topk_indices, selected, num_experts)
+
+
+def fill_in_candidates(
+    selection_scores: torch.Tensor, topk_indices: torch.Tensor, candidates: str
+) -> torch.Tensor:
+    """Experts each token may fill a vacant slot of, [T, depth] long, best first.
+
+    ``next``: only the token's (k+1)-th choice by ``selection_scores`` (depth 1). ``any``: every
+    expert outside the token's top-k (depth E - k). Never a top-k expert, so a fill-in can never
+    duplicate a request. Ties go to the lower expert index.
+    """
+    num_experts = selection_scores.shape[1]
+    topk = topk_indices.shape[1]
+    if candidates == "next":
+        depth = min(1, num_experts - topk)
+    elif candidates == "any":
+        depth = num_experts - topk
+    else:
+        raise ValueError(f"unknown fill-in candidate set {candidates!r}; use 'next' or 'any'")
+    masked = selection_scores.detach().scatter(1, topk_indices, float("-inf"))
+    if depth == 1:
+        return masked.argmax(dim=1, keepdim=True)  # argmax returns the first maximum
+    # A stable descending sort keeps equal scores in expert order.
+    return masked.sort(dim=1, descending=True, stable=True).indices[:, :depth]
+
+
+def slot_winners(
+    probs: torch.Tensor,
+    request_experts: torch.Tensor,
+    topk: int,
+    capacity: int,
+    drop_policy: str = "probs",
+) -> torch.Tensor:
+    """Which of each token's requests win one of the expert's ``capacity`` slots, [T, R] bool.
+
+    ``request_experts`` [T, R] lists each token's top-k choices in choice order (columns ``:k``)
+    followed by its fill-in candidates (columns ``k:``); a token never lists an expert twice.
+
+    One ranking per expert decides both truncation and fill-in: a request's key is
+    (tier, score, -token) compared lexicographically, where the tier is the choice rank (first
+    choices highest) and fill-in candidates sit one tier below the last top-k choice, so they
+    only take slots no top-k request wanted. Score is the probability for the expert (under the
+    ``position`` policy, top-k requests score 0 so that earlier tokens win). The key is packed
+    into one int64 and is unique per expert (the token index is part of it), so the result never
+    depends on how a sort breaks ties; equal probabilities go to the lower token index.
+
+    The work is on the T*R request list, not on a dense [T, E] matrix: with the default ``next``
+    candidates that is T*(k+1) entries instead of T*E.
+    """
+    if drop_policy not in ("probs", "position"):
+        raise ValueError(f"unknown drop policy {drop_policy!r}; use 'probs' or 'position'")
+    num_tokens, num_requests = request_experts.shape
+    num_experts = probs.shape[1]
+    device = probs.device
+    if num_tokens == 0 or capacity <= 0:
+        return torch.zeros(num_tokens, num_requests, dtype=torch.bool, device=device)
+
+    # tier: k+1 for first choices ... 2 for k-th choices, 1 for fill-in candidates.
+    tiers = torch.ones(num_requests, dtype=torch.int64, device=device)
+    tiers[:topk] = torch.arange(topk + 1, 1, -1, device=device)
+    tiers = tiers.expand(num_tokens, num_requests)
+    # Probabilities are in [0, 1], so their float32 bit patterns (< 2**30) read as integers sort
+    # like the values themselves.
+    prob_key = probs.detach().gather(1, request_experts).float().clamp_min(0.0)
+    prob_key = prob_key.view(torch.int32).to(torch.int64)
+    if drop_policy == "position":
+        prob_key[:, :topk] = 0  # fill-in candidates are still ranked by probability
+    token_bits = max(1, math.ceil(math.log2(num_tokens)))
+    later_token = torch.arange(num_tokens - 1, -1, -1, device=device).unsqueeze(1)
+    key = (tiers << (_PROB_BITS + token_bits)) | (prob_key << token_bits) | later_token
+
+    # Best request first, then grouped by expert (stable, so each group stays best-first); a
+    # request wins if it is among the first ``capacity`` of its expert's group.
+    flat_experts = request_experts.reshape(-1)
+    order = key.reshape(-1).argsort(descending=True)
+    order = order[flat_experts[order].argsort(stable=True)]
+    sorted_experts = flat_experts[order]
+    per_expert = torch.bincount(flat_experts, minlength=num_experts)
+    group_start = per_expert.cumsum(0) - per_expert
+    slot = torch.arange(order.numel(), device=device) - group_start[sorted_experts]
+    won = torch.empty(order.numel(), dtype=torch.bool, device=device)
+    won[order] = slot < capacity
+    return won.view(num_tokens, num_requests)
+
+
+def requests_to_map(
+    request_experts: torch.Tensor, selected: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """[T, R] request list + [T, R] bool selection -> [T, E] bool map."""
+    routing_map = torch.zeros(
+        request_experts.shape[0], num_experts, dtype=torch.bool, device=request_experts.device
+    )
+    return routing_map.scatter_(1, request_experts, selected)
+
+
+def capacity_slot_assignment(
+    probs: torch.Tensor,
+    topk_indices: torch.Tensor,
+    capacity: int,
+    drop_policy: str = "probs",
+    candidate_indices: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``slot_winners`` as two [T, E] maps: (kept top-k requests, fill-in slots)."""
+    topk = topk_indices.shape[1]
+    request_experts = _request_list(topk_indices, candidate_indices)
+    won = slot_winners(probs, request_experts, topk, capacity, drop_policy)
+    num_experts = probs.shape[1]
+    is_topk = torch.zeros_like(won)
+    is_topk[:, :topk] = True
+    return (
+        requests_to_map(request_experts, won & is_topk, num_experts),
+        requests_to_map(request_experts, won & ~is_topk, num_experts),
+    )
+
+
+def _request_list(
+    topk_indices: torch.Tensor, candidate_indices: torch.Tensor | None
+) -> torch.Tensor:
+    if candidate_indices is None or candidate_indices.shape[1] == 0:
+        return topk_indices
+    return torch.cat([topk_indices, candidate_indices], dim=1)
+
+
+def intra_gpu_rectification(
+    probs: torch.Tensor,
+    kept_count: torch.Tensor,
+    won_fill_in: torch.Tensor,
+    topk: int,
+    local_experts: range,
+    trigger: str = "all",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assign tokens that lost top-k choices to their best expert on their own rank.
+
+    ``kept_count`` [T] is how many of the token's top-k requests won a slot and ``won_fill_in``
+    [T] whether it won a fill-in slot. ``local_experts`` is the global index range of the
+    experts on this token's EP rank. The destination is the argmax of the *global*
+    probabilities restricted to that range (no renormalisation among local experts; ties go to
+    the lower index). There is no capacity limit for rectified tokens: they never enter the
+    all-to-all.
+
+    Returns ``ir_expert`` [T] long (global index, -1 when the token is not rectified) and
+    ``ir_multiplicity`` [T] long (``m``: the number of top-k choices the token lost).
+    """
+    if len(local_experts) == 0 or local_experts.step != 1:
+        raise ValueError(f"local_experts must be a non-empty contiguous range, got {local_experts}")
+    lost_choices = topk - kept_count  # [T]
+    if trigger == "all":
+        triggered = (lost_choices == topk) & ~won_fill_in
+    elif trigger in ("any", "ignore_kth"):
+        triggered = lost_choices > 0
+    else:
+        raise ValueError(f"unknown IR trigger {trigger!r}; use all, any or ignore_kth")
+    local_probs = probs.detach()[:, local_experts.start : local_experts.stop]
+    best_local = local_probs.argmax(dim=1) + local_experts.start  # [T]
+    ir_expert = torch.where(triggered, best_local, -1)
+    ir_multiplicity = torch.where(triggered, lost_choices, 0)
+    return ir_expert, ir_multiplicity
+
+
+def rectified_gate_weights(
+    probs: torch.Tensor,
+    request_experts: torch.Tensor,
+    won: torch.Tensor,
+    ir_expert: torch.Tensor,
+    ir_multiplicity: torch.Tensor,
+    topk: int,
+    straight_through: bool = True,
+    scaling_factor: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate weights ``(probs [T, E], ir_probs [T])`` as the spec defines them.
+
+    ``y = (sum_{j in R} p_j E_j(x) + m p_h E_h(x)) / D`` with ``S = sum_{j in R} p_j + m p_h`` and
+    ``D = sg(S)`` under the straight-through trick (``D = S`` without it). ``R`` is the set of
+    requests in ``request_experts`` [T, R] that ``won`` [T, R]. Under top-1 a token whose output
+    has a single term uses the spec's ``w = 1 + p - sg(p)`` instead: forward weight exactly 1,
+    gradient as if the weight were ``p``. Weights outside ``R`` and ``h`` are exactly zero, and
+    so is the gradient through them.
+
+    The arithmetic runs on the [T, R] request list and is scattered into [T, E] once.
+    """
+    won_probs = probs.gather(1, request_experts) * won.to(probs.dtype)  # [T, R]
+    rectified = ir_expert >= 0
+    ir_terms = probs.gather(1, ir_expert.clamp_min(0).unsqueeze(1)).squeeze(1)
+    ir_terms = ir_terms * ir_multiplicity.to(probs.dtype)  # [T]
+    total = won_probs.sum(dim=1) + ir_terms  # S, [T]
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    denominator = (total.detach() if straight_through else total).unsqueeze(1)
+    weights = won_probs / denominator
+    ir_weights = ir_terms / denominator.squeeze(1)
+
+    if straight_through and topk == 1:
+        single_term = (won.sum(dim=1) + rectified.to(torch.int64)) == 1  # [T]
+        unit = 1.0 + (total - total.detach())  # forward exactly 1.0; d/dp = 1
+        weights = torch.where(single_term.unsqueeze(1) & won, unit.unsqueeze(1), weights)
+        ir_weights = torch.where(single_term & rectified, unit, ir_weights)
+    if scaling_factor:
+        weights = weights * scaling_factor
+        ir_weights = ir_weights * scaling_factor
+    dense = torch.zeros_like(probs).scatter(1, request_experts, weights)
+    return dense, ir_weights
+
+
+def rectified_routing(
+    probs: torch.Tensor,
+    topk_indices: torch.Tensor,
+    capacity: int,
+    options: RectifyOptions,
+    local_experts: range,
+    selection_scores: torch.Tensor | None = None,
+    scaling_factor: float | None = None,
+    candidate_indices: torch.Tensor | None = None,
+) -> RectifiedRouting:
+    """Run capacity truncation, FR, IR and the gate weights for one rank's tokens.
+
+    Args:
+        probs: [T, E] full score distribution ``p`` (differentiable).
+        topk_indices: [T, k] chosen experts in choice order (as megatron's top-k selected them).
+        capacity: slots per expert for these tokens (megatron's ``get_capacity`` convention).
+        options: validated rectification settings.
+        local_experts: global index range of the experts on this rank (for IR).
+        selection_scores: scores the (k+1)-th choice is picked by (defaults to ``probs``; the
+            router passes ``probs + expert_bias`` when expert bias steers selection).
+        scaling_factor: megatron's ``moe_router_topk_scaling_factor``.
+        candidate_indices: [T, depth] fill-in candidates when the caller already has them (the
+            router gets the (k+1)-th choice from the same ``topk`` call as the top-k).
+    """
+    num_tokens, num_experts = probs.shape
+    topk = topk_indices.shape[1]
+    if options.fill_in and candidate_indices is None:
+        scores = probs if selection_scores is None else selection_scores
+        candidate_indices = fill_in_candidates(scores, topk_indices, options.fill_in_candidates)
+    if not options.fill_in:
+        candidate_indices = None
+    request_experts = _request_list(topk_indices, candidate_indices)  # [T, R]
+    won = slot_winners(probs, request_experts, topk, capacity, options.drop_policy)
+    kept_won, fill_in_won = won[:, :topk], won[:, topk:]
+    if options.intra_gpu:
+        ir_expert, ir_multiplicity = intra_gpu_rectification(
+            probs, kept_won.sum(dim=1), fill_in_won.any(dim=1), topk, local_experts,
+            options.ir_trigger,
+        )
+    else:
+        ir_expert = torch.full((num_tokens,), -1, dtype=torch.int64, device=probs.device)
+        ir_multiplicity = torch.zeros_like(ir_expert)
+    weights, ir_weights = rectified_gate_weights(
+        probs, request_experts, won, ir_expert, ir_multiplicity, topk,
+        options.straight_through, scaling_factor,
+    )
+    kept_map = requests_to_map(topk_indices, kept_won, num_experts)
+    fill_in_map = requests_to_map(request_experts[:, topk:], fill_in_won, num_experts)
+    return RectifiedRouting(
+        probs=weights,
+        routing_map=kept_map | fill_in_map,
+        ir_expert=ir_expert,
+        ir_probs=ir_weights,
+        kept_map=kept_map,
+        fill_in_map=fill_in_map,
+        dropped_map=requests_to_map(topk_indices, ~kept_won, num_experts),
+        capacity=capacity,
+    )
+
+
+def routing_statistics(routing: RectifiedRouting, topk: int) -> RoutingStatistics:
+    """Count dropped / padded / filled-in / rectified / lost for one call (no host sync)."""
+    num_tokens, num_experts = routing.routing_map.shape
+    occupied = routing.routing_map.sum()
+    slots = num_experts * routing.capacity
+    rectified = routing.ir_expert >= 0
+    ir_load = torch.bincount(routing.ir_expert[rectified], minlength=num_experts)
+    return RoutingStatistics(
+        num_tokens=num_tokens,
+        num_requests=num_tokens * topk,
+        slots=slots,
+        dropped=routing.dropped_map.sum(),
+        filled_in=routing.fill_in_map.sum(),
+        rectified=rectified.sum(),
+        occupied=occupied,
+        padded=(slots - occupied).clamp_min(0),
+        lost=(~routing.routing_map.any(dim=1) & ~rectified).sum(),
+        expert_load=routing.routing_map.sum(dim=0) + ir_load,
+    )
