@@ -76,9 +76,7 @@ def measure(tokens: int, experts: int, topk: int, hidden: int, repeats: int) -> 
         RectifyTransformerConfig(**common), pg_collection=get_default_pg_collection()
     ).to(device)
     rectified = RectifyRouter(
-        RectifyTransformerConfig(
-            **common, moe_rectify="ir+fr", moe_rectify_ir_trigger="ignore_kth"
-        )
+        RectifyTransformerConfig(**common, moe_rectify="ir+fr", moe_rectify_ir_trigger="ignore_kth")
     ).to(device)
     rectified.load_state_dict(vanilla.state_dict())
     gen = torch.Generator().manual_seed(0)
@@ -92,8 +90,15 @@ def measure(tokens: int, experts: int, topk: int, hidden: int, repeats: int) -> 
                 times[name].append(elapsed)
     v = statistics.median(times["vanilla"])
     r = statistics.median(times["rectified"])
-    return {"tokens": tokens, "experts": experts, "topk": topk, "hidden": hidden,
-            "vanilla_ms": 1e3 * v, "rectified_ms": 1e3 * r, "ratio": r / v}
+    return {
+        "tokens": tokens,
+        "experts": experts,
+        "topk": topk,
+        "hidden": hidden,
+        "vanilla_ms": 1e3 * v,
+        "rectified_ms": 1e3 * r,
+        "ratio": r / v,
+    }
 
 
 def main() -> None:
@@ -107,15 +112,18 @@ def main() -> None:
     _setup_single_process()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"# router forward+backward, device={device}, threads={torch.get_num_threads()}")
-    print("| tokens | experts | top-k | hidden | TopKRouter ms | RectifyRouter (IR+FR) ms "
-          "| ratio |")
+    print(
+        "| tokens | experts | top-k | hidden | TopKRouter ms | RectifyRouter (IR+FR) ms | ratio |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for experts in args.experts:
         for topk in args.topk:
             row = measure(args.tokens, experts, topk, args.hidden, args.repeats)
-            print(f"| {row['tokens']} | {row['experts']} | {row['topk']} | {row['hidden']} | "
-                  f"{row['vanilla_ms']:.1f} | {row['rectified_ms']:.1f} | {row['ratio']:.2f} |",
-                  flush=True)
+            print(
+                f"| {row['tokens']} | {row['experts']} | {row['topk']} | {row['hidden']} | "
+                f"{row['vanilla_ms']:.1f} | {row['rectified_ms']:.1f} | {row['ratio']:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

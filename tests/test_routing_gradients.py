@@ -70,9 +70,7 @@ def test_straight_through_gradient_is_the_detached_denominator_surrogate(
             single = (mask.sum(dim=1) + has_ir) == 1
             denominator = torch.where(single, torch.ones_like(denominator), denominator)
     expected = mask * upstream / denominator[:, None]
-    expected.scatter_add_(
-        1, ir_index[:, None], (lost * upstream_ir / denominator)[:, None]
-    )
+    expected.scatter_add_(1, ir_index[:, None], (lost * upstream_ir / denominator)[:, None])
     torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
     assert grad.abs().sum() > 0
 

@@ -131,8 +131,10 @@ def test_invariants(problem: dict) -> None:
             should = lost_choices > 0
         assert torch.equal(rectified, should)
         local = problem["local_experts"]
-        assert ((routing.ir_expert[rectified] >= local.start)
-                & (routing.ir_expert[rectified] < local.stop)).all()
+        assert (
+            (routing.ir_expert[rectified] >= local.start)
+            & (routing.ir_expert[rectified] < local.stop)
+        ).all()
         # No token silently lost: with IR on, every token is computed by some expert.
         assert (routing.routing_map.any(dim=1) | rectified).all()
     else:

@@ -202,9 +202,7 @@ def test_multiplicity_scales_the_ir_term() -> None:
 def test_top1_single_term_weight_is_one_with_gradient_of_p() -> None:
     probs = torch.tensor([[0.25, 0.75]], requires_grad=True)
     routing_map = torch.tensor([[False, True]])
-    weights, _ = gate_weights(
-        probs, routing_map, torch.tensor([-1]), torch.tensor([0]), topk=1
-    )
+    weights, _ = gate_weights(probs, routing_map, torch.tensor([-1]), torch.tensor([0]), topk=1)
     assert weights.tolist() == [[0.0, 1.0]]  # exactly 1.0
     (grad,) = torch.autograd.grad(weights[0, 1], probs)
     assert grad.tolist() == [[0.0, 1.0]]  # d(1 + p - sg(p))/dp = 1

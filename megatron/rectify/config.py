@@ -87,9 +87,7 @@ class RectifyOptions:
 
 def _check_choice(flag: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise RectifyConfigError(
-            f"{flag} got {value!r}; choose one of: {', '.join(allowed)}."
-        )
+        raise RectifyConfigError(f"{flag} got {value!r}; choose one of: {', '.join(allowed)}.")
 
 
 def validate_rectify_settings(config: Any) -> None:
@@ -175,8 +173,8 @@ class RectifyTransformerConfig(TransformerConfig):
     """Detach the gate-weight denominator in backward (keeps router gradients alive)."""
 
     def __post_init__(self) -> None:
+        validate_rectify_settings(self)  # first: ours name the rectify flag and the fix
         super().__post_init__()
-        validate_rectify_settings(self)
 
     @property
     def rectify_options(self) -> RectifyOptions:

@@ -36,8 +36,9 @@ def reference_rectified_routing(
     # (1) capacity truncation: per expert, requests ordered by choice rank, then drop policy.
     kept: set[tuple[int, int]] = set()
     for expert in range(num_experts):
-        requests = [(rank, t) for t in range(num_tokens) for rank, e in enumerate(choices[t])
-                    if e == expert]
+        requests = [
+            (rank, t) for t in range(num_tokens) for rank, e in enumerate(choices[t]) if e == expert
+        ]
         if options.drop_policy == "probs":
             requests.sort(key=lambda r: (r[0], -_f32(probs[r[1], expert]), r[1]))
         else:
@@ -57,7 +58,7 @@ def reference_rectified_routing(
                     others = [e for e in range(num_experts) if e not in choices[t]]
                     if not others:
                         continue
-                    best = max(others, key=lambda e: (float(scores[t, e]), -e))
+                    best = max(others, key=lambda e: (float(scores[t, e].detach()), -e))
                     if best != expert:
                         continue
                 candidates.append(t)
@@ -76,7 +77,7 @@ def reference_rectified_routing(
             else:
                 triggered = lost > 0
             if triggered:
-                best = max(local_experts, key=lambda e: (float(probs[t, e]), -e))
+                best = max(local_experts, key=lambda e: (float(probs[t, e].detach()), -e))
                 ir_expert[t] = best
                 multiplicity[t] = lost
 

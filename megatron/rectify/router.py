@@ -221,7 +221,11 @@ class RectifyRouter(TopKRouter):
             probs, scores_for_aux_loss, routing_map_for_aux_loss, with_padding_mask
         )
         probs = self._apply_seq_aux_loss(
-            probs, scores_for_aux_loss, routing_map_for_aux_loss, seq_length, bsz,
+            probs,
+            scores_for_aux_loss,
+            routing_map_for_aux_loss,
+            seq_length,
+            bsz,
             with_padding_mask,
         )
         return self._apply_global_aux_loss(

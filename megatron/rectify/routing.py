@@ -347,15 +347,25 @@ def rectified_routing(
     kept_won, fill_in_won = won[:, :topk], won[:, topk:]
     if options.intra_gpu:
         ir_expert, ir_multiplicity = intra_gpu_rectification(
-            probs, kept_won.sum(dim=1), fill_in_won.any(dim=1), topk, local_experts,
+            probs,
+            kept_won.sum(dim=1),
+            fill_in_won.any(dim=1),
+            topk,
+            local_experts,
             options.ir_trigger,
         )
     else:
         ir_expert = torch.full((num_tokens,), -1, dtype=torch.int64, device=probs.device)
         ir_multiplicity = torch.zeros_like(ir_expert)
     weights, ir_weights = rectified_gate_weights(
-        probs, request_experts, won, ir_expert, ir_multiplicity, topk,
-        options.straight_through, scaling_factor,
+        probs,
+        request_experts,
+        won,
+        ir_expert,
+        ir_multiplicity,
+        topk,
+        options.straight_through,
+        scaling_factor,
     )
     kept_map = requests_to_map(topk_indices, kept_won, num_experts)
     fill_in_map = requests_to_map(request_experts[:, topk:], fill_in_won, num_experts)

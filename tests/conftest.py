@@ -1,0 +1,43 @@
+"""Shared pytest configuration for megatron-rectify.
+
+* Registers the ``slow`` and ``multiprocess`` markers (also listed in pyproject.toml, so that
+  ``--strict-markers`` works whichever configuration file is used).
+* ``multiprocess`` tests run megatron over gloo through the CPU emulation, which refuses to run
+  on a CUDA machine; there they are skipped (real GPU runs judge GPU behaviour).
+* The CPU emulation is NOT activated in the pytest process: pure tests do not need it and
+  multiprocess tests activate it in their children. Tests that want megatron in-process can
+  request the ``cpu_emulation`` fixture, which activates it for the rest of the session
+  (the patches cannot be undone).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than a few seconds; still run in CI")
+    config.addinivalue_line("markers", "multiprocess: spawns several gloo processes")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    multiprocess = [item for item in items if item.get_closest_marker("multiprocess")]
+    if not multiprocess:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="CPU-emulation (gloo) test; this machine has CUDA")
+        for item in multiprocess:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cpu_emulation() -> ModuleType:
+    """Activate the CPU emulation in the pytest process (irreversible for the session)."""
+    from megatron.rectify.testing import cpu_emulation as emulation
+
+    emulation.activate()
+    return emulation

@@ -1,0 +1,73 @@
+"""Impossible rectify settings fail early, with a message that names the flag and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron.rectify.config import (
+    RectifyConfigError,
+    RectifyOptions,
+    RectifyTransformerConfig,
+)
+
+BASE = dict(
+    num_layers=1,
+    hidden_size=16,
+    num_attention_heads=4,
+    num_moe_experts=8,
+    moe_router_topk=2,
+    moe_expert_capacity_factor=1.0,
+    moe_aux_loss_coeff=0.0,
+    use_cpu_initialization=True,
+)
+
+
+def make(**overrides) -> RectifyTransformerConfig:
+    return RectifyTransformerConfig(**{**BASE, **overrides})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "flag"),
+    [
+        ({"moe_rectify": "ir", "moe_expert_capacity_factor": None}, "--moe-expert-capacity-factor"),
+        ({"moe_rectify": "fr", "moe_expert_capacity_factor": None}, "--moe-expert-capacity-factor"),
+        ({"moe_rectify": "ir", "moe_expert_capacity_factor": 4.0}, "--moe-expert-capacity-factor"),
+        ({"moe_rectify": "ir+fr", "moe_rectify_ir_trigger": "any"}, "--moe-rectify-ir-trigger"),
+        ({"moe_rectify": "ir", "moe_rectify_ir_trigger": "some"}, "--moe-rectify-ir-trigger"),
+        (
+            {"moe_rectify": "fr", "moe_rectify_fill_in_candidates": "all"},
+            "--moe-rectify-fill-in-candidates",
+        ),
+        ({"moe_rectify": "irfr"}, "--moe-rectify"),
+        (
+            {
+                "moe_rectify": "ir",
+                "moe_router_load_balancing_type": "sinkhorn",
+                "moe_router_topk": 1,
+            },
+            "--moe-router-load-balancing-type",
+        ),
+        ({"moe_rectify": "fr", "moe_router_topk": 8}, "--moe-router-topk"),
+        ({"moe_rectify": "ir", "moe_enable_routing_replay": True}, "--moe-enable-routing-replay"),
+    ],
+)
+def test_bad_combinations_name_the_flag(overrides: dict, flag: str) -> None:
+    with pytest.raises(RectifyConfigError) as error:
+        make(**overrides)
+    assert flag in str(error.value)
+
+
+def test_good_combinations_validate() -> None:
+    config = make(moe_rectify="ir+fr", moe_rectify_ir_trigger="ignore_kth")
+    assert config.rectify_options == RectifyOptions(
+        intra_gpu=True, fill_in=True, ir_trigger="ignore_kth"
+    )
+    assert not make().rectify_options.enabled
+    # Dropless MoE without rectification stays allowed.
+    assert not make(moe_expert_capacity_factor=None).rectify_options.enabled
+
+
+def test_options_from_mode() -> None:
+    assert RectifyOptions.from_mode("ir") == RectifyOptions(intra_gpu=True)
+    assert RectifyOptions.from_mode("fr") == RectifyOptions(fill_in=True)
+    assert not RectifyOptions.from_mode("none").enabled
