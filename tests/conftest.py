@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -41,3 +43,8 @@ def cpu_emulation() -> ModuleType:
 
     emulation.activate()
     return emulation
+
+
+# Helper modules next to the tests (e.g. moe_layer_cases) are imported by the rank processes
+# too, so the tests folder must be importable by name.
+sys.path.insert(0, str(Path(__file__).parent))

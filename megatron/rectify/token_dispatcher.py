@@ -32,8 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
 from megatron.rectify.comm import gather_rows, reduce_scatter_rows
 
 
@@ -92,7 +92,9 @@ class MoERectifyAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self._ir = None
         if self._ir_expert is not None:
             batch = intra_gpu_batch(
-                self._ir_expert, self._ir_probs, self.local_expert_indices[0],
+                self._ir_expert,
+                self._ir_probs,
+                self.local_expert_indices[0],
                 self.num_local_experts,
             )
             if self.tp_size > 1 or sum(batch.counts) > 0:
@@ -123,11 +125,13 @@ class MoERectifyAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             for tp_rank in range(self.tp_size):
                 token_chunks.append(ir_chunks[tp_rank][expert])
                 prob_chunks.append(ir_prob_chunks[tp_rank][expert])
-        ir_per_expert = [sum(c[e] for c in self._ir_counts_per_tp_rank) for e in
-                         range(self.num_local_experts)]
+        ir_per_expert = [
+            sum(c[e] for c in self._ir_counts_per_tp_rank) for e in range(self.num_local_experts)
+        ]
         merged_counts = torch.tensor(
             [r + i for r, i in zip(received, ir_per_expert, strict=True)],
-            dtype=tokens_per_expert.dtype, device=tokens_per_expert.device,
+            dtype=tokens_per_expert.dtype,
+            device=tokens_per_expert.device,
         )
         return torch.cat(token_chunks), merged_counts, torch.cat(prob_chunks)
 
@@ -147,8 +151,11 @@ class MoERectifyAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         received_part = torch.cat(chunks[0::stride])
         # IR part back into [tp rank][local expert] order, the layout the gather produced.
         ir_part = torch.cat(
-            [chunks[expert * stride + 1 + tp_rank] for tp_rank in range(self.tp_size)
-             for expert in range(self.num_local_experts)]
+            [
+                chunks[expert * stride + 1 + tp_rank]
+                for tp_rank in range(self.tp_size)
+                for expert in range(self.num_local_experts)
+            ]
         )
         per_rank_totals = [sum(c) for c in counts]
         self._ir_output = reduce_scatter_rows(ir_part, per_rank_totals, self._expert_tp_group())

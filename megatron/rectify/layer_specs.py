@@ -1,0 +1,73 @@
+"""Rectified GPT layer specs: megatron's specs with ``RectifyMoELayer`` + ``RectifyRouter``.
+
+Owns: taking megatron's own local / Transformer-Engine layer and decoder-block specs and
+swapping their MoE module for the rectified one. Everything else in the spec (attention, norms,
+dense MLP layers, ``moe_layer_freq``) stays megatron's. Importable for ``--spec``:
+``--spec megatron.rectify.layer_specs get_gpt_layer_local_spec_rectify``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from typing import Any
+
+from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron.rectify.moe_layer import RectifyMoELayer
+from megatron.rectify.router import RectifyRouter
+
+
+def rectify_mlp_builder(mlp: Any) -> Any:
+    """An MoE builder (``partial(MoELayer, submodules=...)``) -> the rectified one.
+
+    Anything that is not an MoE builder (a dense MLP spec) is returned unchanged.
+    """
+    if isinstance(mlp, functools.partial) and isinstance(mlp.func, type):
+        if issubclass(mlp.func, MoELayer) and "submodules" in mlp.keywords:
+            submodules = dataclasses.replace(mlp.keywords["submodules"], router=RectifyRouter)
+            keywords = {**mlp.keywords, "submodules": submodules}
+            return functools.partial(RectifyMoELayer, *mlp.args, **keywords)
+    if isinstance(mlp, ModuleSpec) and isinstance(mlp.module, type):
+        if issubclass(mlp.module, MoELayer):
+            spec = copy.copy(mlp)
+            spec.module = RectifyMoELayer
+            spec.submodules = dataclasses.replace(mlp.submodules, router=RectifyRouter)
+            return spec
+    return mlp
+
+
+def rectify_layer_spec(layer_spec: ModuleSpec) -> ModuleSpec:
+    """A transformer-layer spec with its MoE MLP rectified (dense layers untouched)."""
+    spec = copy.copy(layer_spec)
+    spec.submodules = dataclasses.replace(
+        layer_spec.submodules, mlp=rectify_mlp_builder(layer_spec.submodules.mlp)
+    )
+    return spec
+
+
+def get_gpt_layer_local_spec_rectify(*args: Any, **kwargs: Any) -> ModuleSpec:
+    """megatron's ``get_gpt_layer_local_spec`` (plain torch / Apex), rectified."""
+    return rectify_layer_spec(gpt_layer_specs.get_gpt_layer_local_spec(*args, **kwargs))
+
+
+def get_gpt_layer_with_transformer_engine_spec_rectify(*args: Any, **kwargs: Any) -> ModuleSpec:
+    """megatron's Transformer-Engine layer spec (grouped GEMM experts), rectified."""
+    return rectify_layer_spec(
+        gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(*args, **kwargs)
+    )
+
+
+def get_gpt_decoder_block_spec_rectify(
+    config: TransformerConfig, use_transformer_engine: bool, **kwargs: Any
+) -> TransformerBlockSubmodules:
+    """megatron's decoder-block spec (which honours ``moe_layer_freq``), rectified."""
+    block = gpt_layer_specs.get_gpt_decoder_block_spec(config, use_transformer_engine, **kwargs)
+    return dataclasses.replace(
+        block, layer_specs=[rectify_layer_spec(spec) for spec in block.layer_specs]
+    )
