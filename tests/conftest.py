@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -48,3 +49,31 @@ def cpu_emulation() -> ModuleType:
 # Helper modules next to the tests (e.g. moe_layer_cases) are imported by the rank processes
 # too, so the tests folder must be importable by name.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="module")
+def single_rank(request: pytest.FixtureRequest):
+    """A one-process world with megatron's parallel state (TP = PP = EP = 1).
+
+    CPU machines: gloo under the CPU emulation. CUDA machines: NCCL, tensors on the GPU.
+    """
+    from megatron.core import parallel_state
+
+    from megatron.rectify.testing.multiprocess import find_free_port
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        request.getfixturevalue("cpu_emulation")
+    torch.distributed.init_process_group(
+        "nccl" if on_gpu else "gloo",
+        init_method=f"tcp://127.0.0.1:{find_free_port()}",
+        rank=0,
+        world_size=1,
+    )
+    parallel_state.initialize_model_parallel()
+    previous_device = torch.get_default_device()
+    torch.set_default_device("cuda" if on_gpu else "cpu")
+    yield
+    torch.set_default_device(previous_device)
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()

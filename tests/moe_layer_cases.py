@@ -67,7 +67,9 @@ def make_config(case: dict, world_size: int):
         sequence_parallel=tp > 1,
         add_bias_linear=False,
         use_cpu_initialization=True,
-        params_dtype=torch.float32,
+        bf16=case.get("bf16", False),
+        params_dtype=torch.bfloat16 if case.get("bf16", False) else torch.float32,
+        moe_grouped_gemm=case.get("te", False),
     )
 
 
@@ -83,7 +85,9 @@ def build_layer(config, layer_class=None):
         else (get_gpt_layer_local_spec_rectify)
     )
     spec = get_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False)
-    layer = spec.submodules.mlp(config=config, layer_number=1)
+    layer = spec.submodules.mlp(config=config, layer_number=1).to(device())
+    if config.bf16:
+        layer = layer.bfloat16()
     layer.train()
     return layer
 
@@ -97,17 +101,35 @@ def load_global_weights(layer, weights: dict[str, torch.Tensor]) -> None:
     rows = slice(etp_rank * shard, (etp_rank + 1) * shard)
     with torch.no_grad():
         layer.router.weight.copy_(weights["router"])
-        for local, expert in enumerate(layer.experts.local_experts):
+        for local, (fc1, fc2) in enumerate(_expert_weights(layer)):
             global_index = layer.local_expert_indices[local]
-            expert.linear_fc1.weight.copy_(weights["fc1"][global_index][rows])
-            expert.linear_fc2.weight.copy_(weights["fc2"][global_index][:, rows])
+            fc1.copy_(weights["fc1"][global_index][rows])
+            fc2.copy_(weights["fc2"][global_index][:, rows])
+
+
+def _expert_weights(layer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(fc1, fc2) weight per local expert: ``SequentialMLP`` or TE's ``TEGroupedMLP``."""
+    experts = layer.experts
+    if hasattr(experts, "local_experts"):
+        return [(e.linear_fc1.weight, e.linear_fc2.weight) for e in experts.local_experts]
+    return [
+        (getattr(experts.linear_fc1, f"weight{i}"), getattr(experts.linear_fc2, f"weight{i}"))
+        for i in range(layer.num_local_experts)
+    ]
+
+
+def device() -> torch.device:
+    """GPU runs (scripts/gpu_check.sh) use these bodies in one NCCL process; CPU runs use gloo."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def run_layer(layer, x: torch.Tensor, upstream: torch.Tensor):
-    x = x.detach().clone().unsqueeze(1).requires_grad_()  # [T, 1, H]
+    """One forward+backward; inputs and results are CPU float32 tensors."""
+    dtype = layer.router.weight.dtype if layer.config.bf16 else torch.float32
+    x = x.detach().clone().unsqueeze(1).to(device(), dtype).requires_grad_()  # [T, 1, H]
     output, _ = layer(x)
-    (output.squeeze(1) * upstream).sum().backward()
-    return output.detach().squeeze(1), x.grad.squeeze(1)
+    (output.squeeze(1) * upstream.to(output)).sum().backward()
+    return output.detach().squeeze(1).float().cpu(), x.grad.squeeze(1).float().cpu()
 
 
 def summed_expert_grads(layer, num_experts: int) -> dict[str, torch.Tensor]:
@@ -120,18 +142,24 @@ def summed_expert_grads(layer, num_experts: int) -> dict[str, torch.Tensor]:
     etp_rank = parallel_state.get_expert_tensor_parallel_rank()
     shard = FFN // etp
     rows = slice(etp_rank * shard, (etp_rank + 1) * shard)
-    fc1 = torch.zeros(num_experts, FFN, HIDDEN)
-    fc2 = torch.zeros(num_experts, HIDDEN, FFN)
-    for local, expert in enumerate(layer.experts.local_experts):
+    fc1 = torch.zeros(num_experts, FFN, HIDDEN, device=device())
+    fc2 = torch.zeros(num_experts, HIDDEN, FFN, device=device())
+    for local, (fc1_weight, fc2_weight) in enumerate(_expert_weights(layer)):
         global_index = layer.local_expert_indices[local]
-        fc1[global_index][rows] = expert.linear_fc1.weight.grad
-        fc2[global_index][:, rows] = expert.linear_fc2.weight.grad
-    router = layer.router.weight.grad.detach().clone()
+        fc1[global_index][rows] = _grad(fc1_weight)
+        fc2[global_index][:, rows] = _grad(fc2_weight)
+    router = layer.router.weight.grad.detach().float().clone()
     for tensor in (fc1, fc2, router):
         torch.distributed.all_reduce(tensor)
-    # Every expert shard is held by (world / (ep * etp)) ranks that saw different tokens: the
-    # all-reduce above already summed those, but it also summed nothing twice (zeros elsewhere).
-    return {"fc1": fc1, "fc2": fc2, "router": router}
+    # Each expert shard's grad is summed over the ranks holding it (they saw different tokens);
+    # every other rank contributed zeros for it.
+    return {"fc1": fc1.cpu(), "fc2": fc2.cpu(), "router": router.cpu()}
+
+
+def _grad(weight: torch.Tensor) -> torch.Tensor:
+    """megatron keeps fused-accumulation grads in ``main_grad`` when it has one."""
+    grad = weight.grad if weight.grad is not None else getattr(weight, "main_grad", None)
+    return grad.float()
 
 
 def reference(case: dict, world_size: int) -> dict[str, torch.Tensor]:

@@ -13,33 +13,7 @@ from megatron.rectify.config import RectifyOptions, RectifyTransformerConfig
 from megatron.rectify.reference import reference_rectified_routing
 from megatron.rectify.router import RectifyRouter, full_score_distribution
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_rank(request: pytest.FixtureRequest):
-    """A one-process world with megatron's parallel state (TP = PP = EP = 1).
-
-    CPU machines: gloo under the CPU emulation. CUDA machines: NCCL, tensors on the GPU.
-    """
-    from megatron.core import parallel_state
-
-    from megatron.rectify.testing.multiprocess import find_free_port
-
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        request.getfixturevalue("cpu_emulation")
-    torch.distributed.init_process_group(
-        "nccl" if on_gpu else "gloo",
-        init_method=f"tcp://127.0.0.1:{find_free_port()}",
-        rank=0,
-        world_size=1,
-    )
-    parallel_state.initialize_model_parallel()
-    previous_device = torch.get_default_device()
-    torch.set_default_device("cuda" if on_gpu else "cpu")
-    yield
-    torch.set_default_device(previous_device)
-    parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("single_rank")
 
 
 BASE = dict(

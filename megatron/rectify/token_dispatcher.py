@@ -64,6 +64,11 @@ def intra_gpu_batch(
     return IntraGpuBatch(token_indices, counts, ir_probs[token_indices])
 
 
+def _concat(chunks: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``torch.cat`` that returns a lone chunk as the view it is (one local expert, no TP)."""
+    return chunks[0] if len(chunks) == 1 else torch.cat(list(chunks))
+
+
 class MoERectifyAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     """megatron's alltoall dispatcher plus the intra-GPU-rectification side batch."""
 
@@ -148,9 +153,9 @@ class MoERectifyAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             sizes.extend(counts[tp_rank][expert] for tp_rank in range(self.tp_size))
         chunks = hidden_states.split(sizes)
         stride = 1 + self.tp_size
-        received_part = torch.cat(chunks[0::stride])
+        received_part = _concat(chunks[0::stride])
         # IR part back into [tp rank][local expert] order, the layout the gather produced.
-        ir_part = torch.cat(
+        ir_part = _concat(
             [
                 chunks[expert * stride + 1 + tp_rank]
                 for tp_rank in range(self.tp_size)
