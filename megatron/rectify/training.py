@@ -1,0 +1,395 @@
+"""What ``pretrain_gpt_rectify.py`` plugs into ``megatron.training.pretrain``.
+
+Owns: the ``--moe-rectify*`` CLI flags (added next to megatron's own through its
+``extra_args_provider`` hook), the early validation that turns a bad combination into one line
+naming the flag, the GPT model provider on the rectified layer specs, the dataset provider and
+forward step (megatron's GPT recipe), inference-only rectification for evaluation passes, and
+the optional CPU development mode.
+Must not touch: routing math, dispatcher, layer internals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from functools import partial
+from typing import Any
+
+import torch
+
+from megatron.rectify.config import (
+    FILL_IN_CANDIDATES,
+    IR_TRIGGERS,
+    RECTIFY_MODES,
+    RectifyConfigError,
+    RectifyOptions,
+    validate_rectify_settings,
+)
+
+CPU_EMULATION_ENV = "MEGATRON_RECTIFY_CPU_EMULATION"
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def add_rectify_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The Rectify-Router flags, in their own group of megatron's ``--help``."""
+    group = parser.add_argument_group(title="rectify-router (megatron-rectify)")
+    group.add_argument(
+        "--moe-rectify", choices=RECTIFY_MODES, default="none",
+        help="Rectify top-k routing after capacity truncation: ir = Intra-GPU Rectification "
+        "(dropped tokens go to the best expert on their own GPU), fr = Fill-in Rectification "
+        "(padding slots take the best unrouted tokens), ir+fr = both. Needs "
+        "--moe-expert-capacity-factor and --moe-token-dispatcher-type alltoall.",
+    )
+    group.add_argument(
+        "--moe-rectify-ir-trigger", choices=IR_TRIGGERS, default="all",
+        help="Which tokens IR rescues: all = every top-k choice dropped (and no fill-in slot "
+        "won); any / ignore_kth = at least one top-k choice dropped (ignore_kth is the "
+        "setting for ir+fr).",
+    )
+    group.add_argument(
+        "--moe-rectify-fill-in-candidates", choices=FILL_IN_CANDIDATES, default="next",
+        help="Fill-in candidates: next = only each token's (k+1)-th choice; any = any expert "
+        "outside its top-k.",
+    )
+    group.add_argument(
+        "--no-moe-rectify-straight-through", dest="moe_rectify_straight_through",
+        action="store_false",
+        help="Ablation: back-propagate through the gate-weight denominator (a token with one "
+        "surviving choice then gives the router no gradient).",
+    )
+    group.add_argument(
+        "--moe-rectify-eval", choices=("train", *RECTIFY_MODES), default="train",
+        help="Rectification during evaluation passes only (train = as in training). The paper "
+        "shows rectification applied only at inference already helps.",
+    )
+    group.add_argument(
+        "--cpu-emulation", action="store_true",
+        help=f"Run on a machine without GPUs through megatron-rectify's CPU emulation layer "
+        f"(gloo). Slow; for development and CI only. Same as {CPU_EMULATION_ENV}=1.",
+    )
+    return parser
+
+
+class _ArgsAsConfig:
+    """Read CLI args under ``TransformerConfig`` names (``--num-experts`` -> num_moe_experts)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self._args = args
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "num_moe_experts":
+            return self._args.num_experts
+        return getattr(self._args, name)
+
+
+def rectify_arg_problems(args: argparse.Namespace) -> list[str]:
+    """Everything wrong with the rectify-related flags, as messages naming flag and fix."""
+    problems = []
+    try:
+        validate_rectify_settings(_ArgsAsConfig(args))
+    except RectifyConfigError as error:
+        problems.append(str(error))
+    if args.num_experts is not None and args.num_experts % args.expert_model_parallel_size:
+        problems.append(
+            f"--num-experts {args.num_experts} is not divisible by "
+            f"--expert-model-parallel-size {args.expert_model_parallel_size}: every EP rank "
+            "must hold the same number of experts."
+        )
+    rectifying = args.moe_rectify != "none" or args.moe_rectify_eval not in ("train", "none")
+    if rectifying and args.moe_token_dispatcher_type != "alltoall":
+        problems.append(
+            f"--moe-rectify needs --moe-token-dispatcher-type alltoall (got "
+            f"{args.moe_token_dispatcher_type}): only the rectified alltoall dispatcher keeps "
+            "intra-GPU-rectified tokens off the all-to-all."
+        )
+    if rectifying and args.num_experts is None:
+        problems.append("--moe-rectify needs an MoE model: set --num-experts.")
+    if args.moe_rectify_eval not in ("train", "none") and args.num_experts is not None:
+        try:
+            validate_rectify_settings(_EvalModeArgs(args))
+        except RectifyConfigError as error:
+            problems.append(str(error).replace("--moe-rectify ", "--moe-rectify-eval "))
+    return problems
+
+
+class _EvalModeArgs(_ArgsAsConfig):
+    def __getattr__(self, name: str) -> Any:
+        if name == "moe_rectify":
+            return self._args.moe_rectify_eval
+        return super().__getattr__(name)
+
+
+def eval_rectify_options(args: argparse.Namespace) -> RectifyOptions | None:
+    """Options for evaluation passes, or None when they are the training ones."""
+    if args.moe_rectify_eval == "train":
+        return None
+    return RectifyOptions.from_mode(
+        args.moe_rectify_eval,
+        ir_trigger=args.moe_rectify_ir_trigger,
+        fill_in_candidates=args.moe_rectify_fill_in_candidates,
+        straight_through=args.moe_rectify_straight_through,
+        drop_policy=args.moe_token_drop_policy,
+    )
+
+
+def cpu_emulation_requested(argv: list[str] | None = None) -> bool:
+    argv = sys.argv if argv is None else argv
+    return "--cpu-emulation" in argv or os.environ.get(CPU_EMULATION_ENV) == "1"
+
+
+def parse_and_validate_args(args_defaults: dict | None = None) -> argparse.Namespace:
+    """megatron's parse -> our checks (exit 2 with a message) -> megatron's validation."""
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.global_vars import set_global_variables
+
+    args_defaults = args_defaults or {}
+    args = parse_args(add_rectify_args)
+    problems = rectify_arg_problems(args)
+    if problems:
+        for problem in problems:
+            print(f"pretrain_gpt_rectify.py: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    validate_args(args, args_defaults)
+    set_global_variables(args)
+    return args
+
+
+# ---- model, data, step --------------------------------------------------------------------------
+
+
+def model_provider(
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    config: Any = None,
+    pg_collection: Any = None,
+):
+    """A ``GPTModel`` whose MoE layers are ``RectifyMoELayer`` (local or TE spec, as megatron
+    would choose from ``--transformer-impl``; ``--moe-layer-freq`` respected)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.training import get_args
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    from megatron.rectify.config import RectifyTransformerConfig
+    from megatron.rectify.layer_specs import get_gpt_decoder_block_spec_rectify
+
+    args = get_args()
+    config = core_transformer_config_from_args(args, RectifyTransformerConfig)
+    use_te = args.transformer_impl == "transformer_engine"
+    if args.num_experts:
+        layer_spec = get_gpt_decoder_block_spec_rectify(
+            config, use_transformer_engine=use_te, normalization=args.normalization,
+            vp_stage=vp_stage,
+        )
+    elif use_te:
+        layer_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        layer_spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=args.normalization)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        pg_collection=pg_collection,
+        vp_stage=vp_stage,
+    )
+    eval_options = eval_rectify_options(args)
+    if eval_options is not None:
+        install_eval_rectification(model, eval_options)
+    return model
+
+
+def install_eval_rectification(model: torch.nn.Module, eval_options: RectifyOptions) -> None:
+    """Rectify with ``eval_options`` whenever the model is in eval mode (evaluation passes),
+    and with the training options otherwise."""
+    from megatron.rectify.router import RectifyRouter
+
+    routers = [m for m in model.modules() if isinstance(m, RectifyRouter)]
+
+    def switch(module: torch.nn.Module, args: tuple) -> None:
+        for router in routers:
+            router.set_rectify_options(
+                router.training_rectify_options if module.training else eval_options
+            )
+
+    for router in routers:
+        router.training_rectify_options = router.rectify_options
+    model.register_forward_pre_hook(switch)
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Token-summed LM loss and the token count, as megatron's GPT recipe reports them."""
+    losses = output_tensor.view(-1).float()
+    loss_mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * loss_mask)
+    num_tokens = loss_mask.sum().clone().detach().to(torch.int)
+    report = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
+    return loss, num_tokens, report
+
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
+
+
+def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Tensor | None]:
+    """The micro-batch on this rank: read on TP rank 0, broadcast over TP, sliced for CP
+    (megatron-core 0.19's ``get_batch_on_this_tp_rank`` / ``get_batch_on_this_cp_rank``)."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core.utils import get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
+    from megatron.training import get_args
+    from megatron.training.utils import is_first_or_last_pipeline_stage
+
+    if not is_first_or_last_pipeline_stage(vp_stage):
+        return dict.fromkeys(BATCH_KEYS)
+    args = get_args()
+    tp_rank = mpu.get_tensor_model_parallel_rank()
+    batch: dict = {}
+    if tp_rank == 0:
+        batch = next(data_iterator)
+        for key in BATCH_KEYS:
+            if batch.get(key) is not None:
+                batch[key] = batch[key].cuda(non_blocking=True)
+    batch = get_batch_on_this_tp_rank(
+        batch,
+        has_cu_seqlens=False,
+        is_hybrid_cp=False,
+        create_attention_mask_in_dataloader=args.create_attention_mask_in_dataloader,
+        broadcast_src_rank=mpu.get_tensor_model_parallel_src_rank(),
+        broadcast_group=mpu.get_tensor_model_parallel_group(),
+        cp_size=args.context_parallel_size,
+        tp_rank=tp_rank,
+        micro_batch_size=args.micro_batch_size,
+        seq_length=args.seq_length,
+        mtp_on_this_rank=False,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        is_pipeline_first_stage=mpu.is_pipeline_first_stage(),
+        is_pipeline_last_stage=mpu.is_pipeline_last_stage(),
+    )
+    return get_batch_on_this_cp_rank(
+        batch, is_hybrid_cp=False, cp_group=mpu.get_context_parallel_group()
+    )
+
+
+def forward_step(data_iterator, model):
+    """One micro-batch: batch on this rank -> model -> loss function."""
+    from megatron.core.utils import get_attr_wrapped_model
+    from megatron.training import get_timers
+
+    timers = get_timers()
+    timers("batch-generator", log_level=2).start()
+    batch = get_batch(data_iterator, get_attr_wrapped_model(model, "vp_stage"))
+    timers("batch-generator").stop()
+    output_tensor = model(
+        batch["tokens"],
+        batch["position_ids"],
+        batch["attention_mask"],
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+    )
+    return output_tensor, partial(loss_func, batch["loss_mask"])
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    """megatron's GPT datasets (``--data-path`` / ``--mock-data``) via its blended builder."""
+    from megatron.core import parallel_state
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+    from megatron.training import get_args, get_tokenizer, print_rank_0
+    from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
+
+    args = get_args()
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+        num_dataset_builder_threads=args.num_dataset_builder_threads,
+        path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files,
+        tokenizer=get_tokenizer(),
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+    )
+    dataset_type = MockGPTDataset if args.mock_data else GPTDataset
+
+    def built_on_this_rank() -> bool:
+        return (
+            is_first_or_last_pipeline_stage(vp_stage)
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+        )
+
+    print_rank_0("> building train, validation, and test datasets for GPT ...")
+    datasets = BlendedMegatronDatasetBuilder(
+        dataset_type, train_val_test_num_samples, built_on_this_rank, config
+    ).build()
+    print_rank_0("> finished creating GPT datasets ...")
+    return datasets
+
+
+train_valid_test_datasets_provider.is_distributed = True
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+
+def main() -> None:
+    """``pretrain_gpt_rectify.py``: megatron's pretrain loop on the rectified MoE GPT."""
+    cpu = cpu_emulation_requested()
+    if cpu:
+        from megatron.rectify.testing import cpu_emulation
+
+        cpu_emulation.activate()
+    from megatron.core.enums import ModelType
+    from megatron.training import training
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+
+    args = parse_and_validate_args()
+    _use_prebuilt_dataset_helpers()
+    if cpu:
+        _allow_cpu_only_initialisation(training)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*recommended to use a ModelConfig.*")
+        cfg = pretrain_cfg_container_from_args(args)
+    training.pretrain(
+        cfg,
+        train_valid_test_datasets_provider,
+        ModelType.encoder_or_decoder,
+        forward_step,
+        model_provider=model_provider,
+    )
+
+
+def _use_prebuilt_dataset_helpers() -> None:
+    """The megatron-core wheel ships its C++ dataset helpers compiled but not their Makefile, so
+    megatron's start-up ``make`` fails; skip it when the compiled module is importable."""
+    import importlib.util
+
+    from megatron.core.datasets import utils as dataset_utils
+
+    if importlib.util.find_spec("megatron.core.datasets.helpers_cpp") is not None:
+        dataset_utils.compile_helpers = lambda: None
+
+
+def _allow_cpu_only_initialisation(training_module: Any) -> None:
+    """CPU mode: megatron asserts CUDA in ``initialize_megatron`` unless told otherwise."""
+    original = training_module.initialize_megatron
+    training_module.initialize_megatron = partial(original, allow_no_cuda=True)
