@@ -37,40 +37,63 @@ def add_rectify_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     """The Rectify-Router flags, in their own group of megatron's ``--help``."""
     group = parser.add_argument_group(title="rectify-router (megatron-rectify)")
     group.add_argument(
-        "--moe-rectify", choices=RECTIFY_MODES, default="none",
+        "--moe-rectify",
+        choices=RECTIFY_MODES,
+        default="none",
         help="Rectify top-k routing after capacity truncation: ir = Intra-GPU Rectification "
         "(dropped tokens go to the best expert on their own GPU), fr = Fill-in Rectification "
         "(padding slots take the best unrouted tokens), ir+fr = both. Needs "
         "--moe-expert-capacity-factor and --moe-token-dispatcher-type alltoall.",
     )
     group.add_argument(
-        "--moe-rectify-ir-trigger", choices=IR_TRIGGERS, default="all",
+        "--moe-rectify-ir-trigger",
+        choices=IR_TRIGGERS,
+        default="all",
         help="Which tokens IR rescues: all = every top-k choice dropped (and no fill-in slot "
         "won); any / ignore_kth = at least one top-k choice dropped (ignore_kth is the "
         "setting for ir+fr).",
     )
     group.add_argument(
-        "--moe-rectify-fill-in-candidates", choices=FILL_IN_CANDIDATES, default="next",
+        "--moe-rectify-fill-in-candidates",
+        choices=FILL_IN_CANDIDATES,
+        default="next",
         help="Fill-in candidates: next = only each token's (k+1)-th choice; any = any expert "
         "outside its top-k.",
     )
     group.add_argument(
-        "--no-moe-rectify-straight-through", dest="moe_rectify_straight_through",
+        "--no-moe-rectify-straight-through",
+        dest="moe_rectify_straight_through",
         action="store_false",
         help="Ablation: back-propagate through the gate-weight denominator (a token with one "
         "surviving choice then gives the router no gradient).",
     )
     group.add_argument(
-        "--moe-rectify-eval", choices=("train", *RECTIFY_MODES), default="train",
+        "--moe-rectify-eval",
+        choices=("train", *RECTIFY_MODES),
+        default="train",
         help="Rectification during evaluation passes only (train = as in training). The paper "
         "shows rectification applied only at inference already helps.",
     )
     group.add_argument(
-        "--cpu-emulation", action="store_true",
+        "--cpu-emulation",
+        action="store_true",
         help=f"Run on a machine without GPUs through megatron-rectify's CPU emulation layer "
         f"(gloo). Slow; for development and CI only. Same as {CPU_EMULATION_ENV}=1.",
     )
+    _escape_unformattable_help(parser)
     return parser
+
+
+def _escape_unformattable_help(parser: argparse.ArgumentParser) -> None:
+    """megatron-core 0.19.2 has a help text with a bare '%' (``--moe-paged-stash-buffer-size-
+    factor-cuda``) that makes ``--help`` crash in argparse; escape such texts."""
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help and "%" in action.help:
+            try:
+                formatter._expand_help(action)
+            except (ValueError, TypeError, KeyError):
+                action.help = action.help.replace("%", "%%")
 
 
 class _ArgsAsConfig:
@@ -152,9 +175,27 @@ def parse_and_validate_args(args_defaults: dict | None = None) -> argparse.Names
         for problem in problems:
             print(f"pretrain_gpt_rectify.py: error: {problem}", file=sys.stderr)
         sys.exit(2)
-    validate_args(args, args_defaults)
+    try:
+        validate_args(args, args_defaults)
+    except AssertionError as error:  # megatron's checks are bare asserts: say which one failed
+        print(
+            f"pretrain_gpt_rectify.py: error: megatron argument check failed: "
+            f"{_failed_assertion(error)}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     set_global_variables(args)
     return args
+
+
+def _failed_assertion(error: AssertionError) -> str:
+    """The assertion's message, or its source line when it has none."""
+    import traceback
+
+    if str(error):
+        return str(error)
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    return f"`{frame.line}` ({os.path.basename(frame.filename)}:{frame.lineno})"
 
 
 # ---- model, data, step --------------------------------------------------------------------------
@@ -169,8 +210,7 @@ def model_provider(
 ):
     """A ``GPTModel`` whose MoE layers are ``RectifyMoELayer`` (local or TE spec, as megatron
     would choose from ``--transformer-impl``; ``--moe-layer-freq`` respected)."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.models.gpt import GPTModel, gpt_layer_specs
     from megatron.training import get_args
     from megatron.training.argument_utils import core_transformer_config_from_args
 
@@ -182,7 +222,9 @@ def model_provider(
     use_te = args.transformer_impl == "transformer_engine"
     if args.num_experts:
         layer_spec = get_gpt_decoder_block_spec_rectify(
-            config, use_transformer_engine=use_te, normalization=args.normalization,
+            config,
+            use_transformer_engine=use_te,
+            normalization=args.normalization,
             vp_stage=vp_stage,
         )
     elif use_te:
@@ -308,7 +350,10 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
     from megatron.training import get_args, get_tokenizer, print_rank_0
-    from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
+    from megatron.training.utils import (
+        get_blend_and_blend_per_split,
+        is_first_or_last_pipeline_stage,
+    )
 
     args = get_args()
     blend, blend_per_split = get_blend_and_blend_per_split(args)
@@ -362,6 +407,8 @@ def main() -> None:
 
     args = parse_and_validate_args()
     _use_prebuilt_dataset_helpers()
+    if args.moe_rectify != "none" or args.moe_rectify_eval not in ("train", "none"):
+        _report_routing_statistics_with_the_moe_metrics()
     if cpu:
         _allow_cpu_only_initialisation(training)
     import warnings
@@ -376,6 +423,25 @@ def main() -> None:
         forward_step,
         model_provider=model_provider,
     )
+
+
+def _report_routing_statistics_with_the_moe_metrics() -> None:
+    """megatron's training log reports only the MoE metric names it knows (aux losses); add
+    ours so that dropped / padded / filled-in / rectified % appear in the iteration log line and
+    in TensorBoard (per layer with ``--moe-per-layer-logging``)."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    from megatron.rectify.moe_layer import STATISTIC_NAMES
+
+    tracker = get_moe_metrics_tracker()
+    report = tracker.report
+
+    def report_with_rectify_statistics(*args: Any, track_names: Any = None, **kwargs: Any):
+        if track_names is not None:
+            track_names = [*track_names, *STATISTIC_NAMES]
+        return report(*args, track_names=track_names, **kwargs)
+
+    tracker.report = report_with_rectify_statistics
 
 
 def _use_prebuilt_dataset_helpers() -> None:

@@ -1,0 +1,246 @@
+"""End to end: ``pretrain_gpt_rectify.py`` under torchrun in CPU mode (gloo, CPU emulation).
+
+Tiny model, mock data; each run is a real megatron training loop with the rectified MoE layers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+TINY = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "64",
+    "--max-position-embeddings",
+    "64",
+    "--micro-batch-size",
+    "4",
+    "--global-batch-size",
+    "8",
+    "--train-iters",
+    "20",
+    "--lr",
+    "1e-3",
+    "--min-lr",
+    "1e-4",
+    "--lr-decay-style",
+    "cosine",
+    "--lr-warmup-iters",
+    "2",
+    "--num-experts",
+    "4",
+    "--moe-router-topk",
+    "1",
+    "--moe-router-pre-softmax",
+    "--moe-expert-capacity-factor",
+    "1.0",
+    "--moe-pad-expert-input-to-capacity",
+    "--moe-token-dispatcher-type",
+    "alltoall",
+    "--moe-aux-loss-coeff",
+    "0.01",
+    "--moe-rectify",
+    "ir+fr",
+    "--moe-rectify-ir-trigger",
+    "ignore_kth",
+    "--mock-data",
+    "--tokenizer-type",
+    "NullTokenizer",
+    "--vocab-size",
+    "256",
+    "--transformer-impl",
+    "local",
+    "--no-gradient-accumulation-fusion",
+    "--no-masked-softmax-fusion",
+    "--no-bias-gelu-fusion",
+    "--no-bias-dropout-fusion",
+    "--no-rope-fusion",
+    "--no-persist-layer-norm",
+    "--hidden-dropout",
+    "0",
+    "--attention-dropout",
+    "0",
+    "--log-interval",
+    "1",
+    "--eval-interval",
+    "10",
+    "--eval-iters",
+    "2",
+    "--distributed-backend",
+    "gloo",
+    "--cpu-emulation",
+]
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def torchrun(nproc: int, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    from megatron.rectify.testing.multiprocess import find_free_port
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={find_free_port()}",
+        str(REPO / "pretrain_gpt_rectify.py"),
+        *TINY,
+        *extra,
+    ]
+    return subprocess.run(
+        command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def losses(log: str) -> dict[int, float]:
+    pattern = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+)")
+    return {int(i): float(v) for i, v in pattern.findall(log)}
+
+
+def ok(run: subprocess.CompletedProcess) -> str:
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    return run.stdout + run.stderr
+
+
+@pytest.fixture(scope="module")
+def ep2_run() -> str:
+    return ok(torchrun(2, "--expert-model-parallel-size", "2"))
+
+
+def test_ep2_trains_with_falling_loss_and_logs_routing_statistics(ep2_run: str) -> None:
+    loss = losses(ep2_run)
+    assert sorted(loss) == list(range(1, 21))
+    assert loss[20] < loss[1] - 0.3, loss
+    for name in (
+        "rectify_dropped_pct",
+        "rectify_padded_pct",
+        "rectify_filled_in_pct",
+        "rectify_rectified_pct",
+    ):
+        assert re.search(rf"{name}: [0-9.]+", ep2_run), name
+    assert "CPU emulation is ACTIVE" in ep2_run
+
+
+def test_checkpoint_resume_reproduces_the_uninterrupted_run(ep2_run: str, tmp_path: Path) -> None:
+    checkpoint = str(tmp_path / "ckpt")
+    first = ok(
+        torchrun(
+            2,
+            "--expert-model-parallel-size",
+            "2",
+            "--save",
+            checkpoint,
+            "--save-interval",
+            "10",
+            "--exit-interval",
+            "10",
+        )
+    )
+    assert max(losses(first)) == 10
+    resumed = losses(ok(torchrun(2, "--expert-model-parallel-size", "2", "--load", checkpoint)))
+    uninterrupted = losses(ep2_run)
+    assert sorted(resumed) == list(range(11, 21))
+    # NOTE: iteration 12's *logged* loss has differed by ~0.3 % in some runs while every later
+    # iteration (hence the parameters) matched exactly; see the issue notes.
+    for iteration in range(11, 21):
+        assert resumed[iteration] == pytest.approx(uninterrupted[iteration], rel=5e-3)
+    assert [resumed[i] for i in range(13, 21)] == [uninterrupted[i] for i in range(13, 21)]
+
+
+def test_four_processes_pipeline_and_expert_parallel() -> None:
+    log = ok(
+        torchrun(
+            4,
+            "--pipeline-model-parallel-size",
+            "2",
+            "--expert-model-parallel-size",
+            "2",
+            "--train-iters",
+            "12",
+        )
+    )
+    loss = losses(log)
+    assert loss[12] < loss[1]
+
+
+def _single(*extra: str) -> subprocess.CompletedProcess:
+    """Argument checks run before any process group exists: a plain python call suffices."""
+    command = [sys.executable, str(REPO / "pretrain_gpt_rectify.py"), *TINY, *extra]
+    return subprocess.run(
+        command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        # megatron's own bare assert, made readable:
+        (["--save", "/nonexistent/checkpoints"], "args.save_interval is not None"),
+        (["--moe-token-dispatcher-type", "allgather"], "--moe-token-dispatcher-type alltoall"),
+        (["--num-experts", "3", "--expert-model-parallel-size", "2"], "not divisible"),
+        (["--moe-rectify-ir-trigger", "any"], "--moe-rectify-ir-trigger"),
+        (["--moe-rectify-eval", "ir", "--moe-expert-capacity-factor", "8"], "--moe-rectify-eval"),
+    ],
+)
+def test_bad_flags_exit_early_with_a_message(extra: list[str], message: str) -> None:
+    run = _single(*extra)
+    assert run.returncode == 2, run.stderr[-2000:]
+    error = run.stderr.strip().splitlines()[-1]
+    assert error.startswith("pretrain_gpt_rectify.py: error:"), run.stderr[-2000:]
+    assert message in error
+    assert "Traceback" not in run.stderr
+
+
+def test_fill_in_without_capacity_is_refused() -> None:
+    command = [
+        sys.executable,
+        str(REPO / "pretrain_gpt_rectify.py"),
+        *[a for a in TINY if a not in ("--moe-pad-expert-input-to-capacity",)],
+    ]
+    index = command.index("--moe-expert-capacity-factor")
+    del command[index : index + 2]
+    run = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "--moe-expert-capacity-factor" in run.stderr.strip().splitlines()[-1]
+
+
+def test_help_lists_the_rectify_flags() -> None:
+    run = subprocess.run(
+        [sys.executable, str(REPO / "pretrain_gpt_rectify.py"), "--help"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0
+    for flag in (
+        "--moe-rectify ",
+        "--moe-rectify-ir-trigger",
+        "--moe-rectify-fill-in-candidates",
+        "--no-moe-rectify-straight-through",
+        "--moe-rectify-eval",
+        "--cpu-emulation",
+    ):
+        assert flag in run.stdout, flag
