@@ -465,9 +465,10 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
     return f"{output_prefix}_{key}_document"
 
 
-def run(args: argparse.Namespace, stderr: TextIO = sys.stderr) -> dict[str, dict[str, Any]]:
+def run(args: argparse.Namespace, stderr: TextIO | None = None) -> dict[str, dict[str, Any]]:
     """Preprocess according to parsed ``args``; returns per-key stats. Raises
     :class:`PreprocessError` for every expected failure, leaving no output behind."""
+    stderr = stderr if stderr is not None else sys.stderr
     _validate(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     paths = _expand_inputs(args.input)
