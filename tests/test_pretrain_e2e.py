@@ -140,6 +140,8 @@ def test_ep2_trains_with_falling_loss_and_logs_routing_statistics(ep2_run: str) 
     ):
         assert re.search(rf"{name}: [0-9.]+", ep2_run), name
     assert "CPU emulation is ACTIVE" in ep2_run
+    summary = re.findall(r"MoE layer (\d): dropped ([0-9.]+) % \| padded ([0-9.]+) %", ep2_run)
+    assert [layer for layer, _, _ in summary] == ["1", "2"], ep2_run[-2000:]
 
 
 def test_checkpoint_resume_reproduces_the_uninterrupted_run(ep2_run: str, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ Must not touch: routing math (``routing.py``), collectives (``token_dispatcher.p
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -34,6 +35,13 @@ STATISTIC_NAMES = (
     "rectify_rectified_pct",
     "rectify_max_over_mean_load",
 )
+
+
+#: Every live rectified layer, so that the training entry point can print a per-layer summary.
+LIVE_LAYERS: weakref.WeakSet = weakref.WeakSet()
+
+_COUNTS = ("dropped", "padded", "filled_in", "rectified")
+_TOTALS = ("num_requests", "slots", "num_tokens")
 
 
 def statistic_tensors(stats: RoutingStatistics) -> dict[str, torch.Tensor]:
@@ -83,6 +91,9 @@ class RectifyMoELayer(MoELayer):
             )
             if self.use_shared_expert and self.shared_expert_overlap:
                 self.token_dispatcher.set_shared_experts(self.shared_experts)
+        # Training-time totals since construction (device tensors: no host sync per step).
+        self.cumulative_statistics: dict[str, torch.Tensor] = {}
+        LIVE_LAYERS.add(self)
 
     def route(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """megatron's routing, then hand the IR decision to the dispatcher and log statistics."""
@@ -99,7 +110,29 @@ class RectifyMoELayer(MoELayer):
             self._record_statistics(self.router.statistics())
         return probs, routing_map
 
+    def statistics_summary(self) -> dict[str, float]:
+        """Percentages over every training call so far (this rank's tokens); one host sync."""
+        totals = {k: float(v) for k, v in self.cumulative_statistics.items()}
+        if not totals:
+            return {}
+        return {
+            "dropped_pct": 100.0 * totals["dropped"] / max(totals["num_requests"], 1.0),
+            "padded_pct": 100.0 * totals["padded"] / max(totals["slots"], 1.0),
+            "filled_in_pct": 100.0 * totals["filled_in"] / max(totals["slots"], 1.0),
+            "rectified_pct": 100.0 * totals["rectified"] / max(totals["num_tokens"], 1.0),
+        }
+
     def _record_statistics(self, stats: RoutingStatistics) -> None:
+        for name in _COUNTS:
+            value = getattr(stats, name).detach().to(torch.float64)
+            if name in self.cumulative_statistics:
+                self.cumulative_statistics[name] += value
+            else:
+                self.cumulative_statistics[name] = value.clone()
+        for name in _TOTALS:
+            self.cumulative_statistics[name] = self.cumulative_statistics.get(name, 0) + getattr(
+                stats, name
+            )
         if self.layer_number is None:
             return
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)

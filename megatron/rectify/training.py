@@ -423,6 +423,41 @@ def main() -> None:
         forward_step,
         model_provider=model_provider,
     )
+    print_routing_summary()
+
+
+def print_routing_summary() -> None:
+    """Per MoE layer on this rank: dropped / padded / filled-in / rectified % over training.
+
+    Printed by the first data-parallel rank of each pipeline stage, for the tokens it routed.
+    """
+    from megatron.core import parallel_state
+
+    from megatron.rectify.moe_layer import LIVE_LAYERS
+
+    if (
+        parallel_state.get_data_parallel_rank() != 0
+        or parallel_state.get_tensor_model_parallel_rank()
+    ):
+        return
+    layers = sorted(LIVE_LAYERS, key=lambda layer: layer.layer_number or 0)
+    summaries = [(layer.layer_number, layer.statistics_summary()) for layer in layers]
+    summaries = [(number, summary) for number, summary in summaries if summary]
+    if not summaries:
+        return
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    print(
+        f"rectify routing summary (pipeline stage {stage}, this rank's tokens, all training "
+        "iterations):",
+        flush=True,
+    )
+    for number, summary in summaries:
+        print(
+            f"  MoE layer {number}: dropped {summary['dropped_pct']:.2f} % | padded "
+            f"{summary['padded_pct']:.2f} % | filled-in {summary['filled_in_pct']:.2f} % | "
+            f"rectified {summary['rectified_pct']:.2f} %",
+            flush=True,
+        )
 
 
 def _report_routing_statistics_with_the_moe_metrics() -> None:
