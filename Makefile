@@ -2,12 +2,16 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lint format bench-router clean-venv
+.PHONY: setup demo test lint format bench-router bench-layer clean-venv
 
 setup: $(VENV)/.setup-stamp
 
 $(VENV)/.setup-stamp: pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh $(VENV)
+
+## The main job: train a tiny rectified MoE GPT on the embedded corpus (CPU or GPUs), summarise.
+demo: setup
+	$(PY) scripts/demo.py
 
 ## The whole test suite (CPU-only machines included): lint, then pytest.
 test: setup
@@ -25,6 +29,10 @@ format: setup
 ## Router forward+backward cost: RectifyRouter (IR+FR) / TopKRouter, same process.
 bench-router: setup
 	$(PY) benchmarks/router_overhead.py
+
+## One MoE layer forward+backward: rectified / megatron, 2 gloo processes (torchrun on GPUs).
+bench-layer: setup
+	$(PY) benchmarks/moe_layer_overhead.py --repeats 20
 
 clean-venv:
 	rm -rf $(VENV)

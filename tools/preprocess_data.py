@@ -518,8 +518,8 @@ def run(args: argparse.Namespace, stderr: TextIO | None = None) -> dict[str, dic
                         skipped[key] += 1
                     else:
                         writers[key].add_document(ids.astype(dtype, copy=False))
-            progress.update(nbytes, sum(w.num_documents for w in writers.values()),
-                            sum(w.num_tokens for w in writers.values()))  # fmt: skip
+            first = writers[args.json_keys[0]]
+            progress.update(nbytes, first.num_documents, first.num_tokens)
         for path, count in zip(paths, docs_per_file, strict=True):
             if count == 0:
                 raise PreprocessError(f"{path}: no non-empty document (empty input)")

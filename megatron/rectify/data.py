@@ -579,6 +579,17 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def _remove_stale_temporaries(base: Path, min_age_s: float = 3600.0) -> None:
+    """Delete build directories left by killed builders. Called under the lock, so no local
+    build is running; the age limit spares a build on another host of a shared filesystem
+    (where ``flock`` may not reach)."""
+    now = time.time()
+    for tmp in base.glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > min_age_s:
+                shutil.rmtree(tmp)
+
+
 def _build_embedded_corpus(
     entry: Path, key: str, params: dict[str, Any], texts: list[tuple[str, str]]
 ) -> None:
@@ -661,6 +672,7 @@ def ensure_embedded_corpus(
     try:
         with _file_lock(base / ".lock"):
             if not _stamp_ok(entry, key):  # another process may have built it meanwhile
+                _remove_stale_temporaries(base)
                 nbytes = sum(len(t.encode("utf-8")) for _, t in texts)
                 say(
                     f"building the embedded corpus: {len(texts)} stdlib files, "

@@ -405,6 +405,7 @@ def main() -> None:
     from megatron.training import training
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
+    _default_to_the_embedded_corpus()
     args = parse_and_validate_args()
     _use_prebuilt_dataset_helpers()
     if args.moe_rectify != "none" or args.moe_rectify_eval not in ("train", "none"):
@@ -458,6 +459,28 @@ def print_routing_summary() -> None:
             f"rectified {summary['rectified_pct']:.2f} %",
             flush=True,
         )
+
+
+def _default_to_the_embedded_corpus() -> None:
+    """``--tokenizer-type ByteLevel`` everywhere; and with no data flag at all, train on the
+    embedded corpus (Python's standard library, byte-level tokens), built once and cached."""
+    from megatron.rectify.data import (
+        BYTE_LEVEL_TOKENIZER_TYPE,
+        EMBEDDED_CORPUS_SPLIT,
+        ensure_embedded_corpus,
+        install_byte_level_tokenizer,
+    )
+
+    install_byte_level_tokenizer()
+    argv = sys.argv[1:]
+    data_flags = ("--data-path", "--mock-data", "--train-data-path", "--data-args-path")
+    if "--help" in argv or "-h" in argv or any(flag in argv for flag in data_flags):
+        return
+    sys.argv += ["--data-path", ensure_embedded_corpus()]
+    if "--split" not in argv:
+        sys.argv += ["--split", EMBEDDED_CORPUS_SPLIT]
+    if "--tokenizer-type" not in argv:
+        sys.argv += ["--tokenizer-type", BYTE_LEVEL_TOKENIZER_TYPE]
 
 
 def _report_routing_statistics_with_the_moe_metrics() -> None:
