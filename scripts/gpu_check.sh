@@ -42,4 +42,28 @@ if "$py" -c 'import transformer_engine.pytorch' 2>/dev/null; then te_flag="--te"
             --ep "$ngpu" --bf16 $te_flag --tokens 16384 --hidden 2048 --ffn 8192 \
             --experts $((8 > ngpu ? 8 : ngpu)) --topk "$topk" --repeats 20 2>&1 | grep '^[#|]'
     done
+    echo
+    echo "## Short real training, EP=$ngpu, bf16 ${te_flag}: vanilla vs IR+FR (pretrain_gpt_rectify.py)"
+    echo "| routing | ms/iteration | tokens/s per GPU | TFLOP/s per GPU | final lm loss |"
+    echo "|---|---:|---:|---:|---:|"
+    impl=local; [ -n "$te_flag" ] && impl=transformer_engine
+    for rectify in none ir+fr; do
+        log="$out/train_${rectify/+/_}.log"
+        "$py" -m torch.distributed.run --nproc-per-node "$ngpu" pretrain_gpt_rectify.py \
+            --num-layers 8 --hidden-size 1024 --ffn-hidden-size 4096 --num-attention-heads 16 \
+            --seq-length 2048 --max-position-embeddings 2048 --micro-batch-size 4 \
+            --global-batch-size $((4 * ngpu * 2)) --train-iters 60 --lr 3e-4 --log-interval 10 \
+            --log-throughput --eval-iters 0 --bf16 --transformer-impl "$impl" \
+            --num-experts $((8 > ngpu ? 8 : ngpu)) --moe-router-topk 1 --moe-router-pre-softmax \
+            --moe-expert-capacity-factor 1.0 --moe-pad-expert-input-to-capacity \
+            --moe-token-dispatcher-type alltoall --moe-aux-loss-coeff 0.01 \
+            --expert-model-parallel-size "$ngpu" --moe-rectify "$rectify" \
+            --moe-rectify-ir-trigger ignore_kth $([ -n "$te_flag" ] && echo --moe-grouped-gemm) \
+            > "$log" 2>&1
+        ms=$(grep -oE 'elapsed time per iteration \(ms\): [0-9.]+' "$log" | tail -1 | awk '{print $NF}')
+        tflops=$(grep -oE 'throughput per GPU \(TFLOP/s/GPU\): [0-9.]+' "$log" | tail -1 | awk '{print $NF}')
+        loss=$(grep -oE 'lm loss: [0-9.E+-]+' "$log" | tail -1 | awk '{print $NF}')
+        tokens=$("$py" -c "print(round(4 * 2 * 2048 / (${ms:-0} / 1000)) if '${ms}' else 'n/a')")
+        echo "| $rectify | ${ms:-failed} | $tokens | ${tflops:-n/a} | ${loss:-n/a} |"
+    done
 } | tee "$report"

@@ -14,7 +14,7 @@ data_args=(--data-path "${DATA_PATH:-$(python -c 'from megatron.rectify.data imp
 if [ -n "${TOKENIZER:-}" ]; then
     data_args+=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER")
 else
-    data_args+=(--tokenizer-type NullTokenizer --vocab-size 257)  # byte-level ids from the corpus
+    data_args+=(--tokenizer-type ByteLevel)  # the embedded corpus is byte-level
 fi
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 torchrun --nproc-per-node "$gpus" pretrain_gpt_rectify.py \
