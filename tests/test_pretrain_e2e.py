@@ -89,6 +89,7 @@ TINY = [
 def _env() -> dict[str, str]:
     return {
         **os.environ,
+        "MEGATRON_RECTIFY_CHECK_REPLICAS": "1",
         "CUDA_DEVICE_MAX_CONNECTIONS": "1",
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
@@ -142,6 +143,8 @@ def test_ep2_trains_with_falling_loss_and_logs_routing_statistics(ep2_run: str) 
     assert "CPU emulation is ACTIVE" in ep2_run
     summary = re.findall(r"MoE layer (\d): dropped ([0-9.]+) % \| padded ([0-9.]+) %", ep2_run)
     assert [layer for layer, _, _ in summary] == ["1", "2"], ep2_run[-2000:]
+    # EP=2 on 2 ranks: dense weights are replicated over DP=2 and must still agree.
+    assert ep2_run.count("data-parallel replicas hold identical weights") == 2
 
 
 def test_checkpoint_resume_reproduces_the_uninterrupted_run(ep2_run: str, tmp_path: Path) -> None:

@@ -28,6 +28,8 @@ from megatron.rectify.config import (
 )
 
 CPU_EMULATION_ENV = "MEGATRON_RECTIFY_CPU_EMULATION"
+CHECK_REPLICAS_ENV = "MEGATRON_RECTIFY_CHECK_REPLICAS"
+_LIVE_MODELS: list = []  # the model chunks this rank built, for the replica check
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -250,6 +252,7 @@ def model_provider(
     eval_options = eval_rectify_options(args)
     if eval_options is not None:
         install_eval_rectification(model, eval_options)
+    _LIVE_MODELS.append(model)
     return model
 
 
@@ -425,6 +428,37 @@ def main() -> None:
         model_provider=model_provider,
     )
     print_routing_summary()
+    if os.environ.get(CHECK_REPLICAS_ENV) == "1":
+        check_data_parallel_replicas()
+
+
+def check_data_parallel_replicas() -> None:
+    """After training, every data-parallel replica must hold the same weights: dense parameters
+    across the data-parallel group, expert parameters across the expert-data-parallel group.
+    Prints one line; raises if any parameter differs (a silent divergence, e.g. from RNG
+    initialisation, would otherwise go unnoticed)."""
+    from megatron.core import parallel_state
+
+    mismatched = []
+    for model in _LIVE_MODELS:
+        for name, param in model.named_parameters():
+            is_expert = not getattr(param, "allreduce", True)
+            group = (
+                parallel_state.get_expert_data_parallel_group()
+                if is_expert
+                else parallel_state.get_data_parallel_group()
+            )
+            if group.size() == 1:
+                continue
+            mine = param.detach().double().sum().reshape(1)
+            every = [torch.zeros_like(mine) for _ in range(group.size())]
+            torch.distributed.all_gather(every, mine, group=group)
+            if any(not torch.equal(other, mine) for other in every):
+                mismatched.append(name)
+    rank = torch.distributed.get_rank()
+    if mismatched:
+        raise RuntimeError(f"rank {rank}: data-parallel replicas differ in {mismatched[:5]}")
+    print(f"replica check (rank {rank}): data-parallel replicas hold identical weights", flush=True)
 
 
 def print_routing_summary() -> None:
