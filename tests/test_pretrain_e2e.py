@@ -173,6 +173,29 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_run(ep2_run: str, tmp_pa
     assert [resumed[i] for i in range(13, 21)] == [uninterrupted[i] for i in range(13, 21)]
 
 
+def test_four_processes_tensor_sequence_and_expert_parallel() -> None:
+    """TP=2 + SP + EP=2 (ETP=1): the local spec's norm must work under sequence parallelism
+    (megatron's torch fallback refuses it) and its gradients must be summed over TP, which the
+    replica check (norm weights compared across the TP group) verifies."""
+    log = ok(
+        torchrun(
+            4,
+            "--tensor-model-parallel-size",
+            "2",
+            "--sequence-parallel",
+            "--expert-model-parallel-size",
+            "2",
+            "--expert-tensor-parallel-size",
+            "1",
+            "--train-iters",
+            "12",
+        )
+    )
+    loss = losses(log)
+    assert loss[12] < loss[1] - 0.2, loss
+    assert log.count("replicas hold identical weights") == 4
+
+
 def test_four_processes_pipeline_and_expert_parallel() -> None:
     log = ok(
         torchrun(

@@ -233,6 +233,10 @@ def model_provider(
         layer_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         layer_spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=args.normalization)
+    if not use_te and args.sequence_parallel:
+        from megatron.rectify.norms import use_sequence_parallel_torch_norm
+
+        use_sequence_parallel_torch_norm(layer_spec)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
@@ -433,31 +437,35 @@ def main() -> None:
 
 
 def check_data_parallel_replicas() -> None:
-    """After training, every data-parallel replica must hold the same weights: dense parameters
-    across the data-parallel group, expert parameters across the expert-data-parallel group.
-    Prints one line; raises if any parameter differs (a silent divergence, e.g. from RNG
-    initialisation, would otherwise go unnoticed)."""
+    """After training, every replica of a parameter must hold the same values: dense parameters
+    across the data-parallel group (and across the tensor-parallel group when they are not
+    TP-sharded, e.g. norms under sequence parallelism), expert parameters across the
+    expert-data-parallel group. Prints one line; raises if any parameter differs (a silent
+    divergence, e.g. from RNG initialisation or a missing gradient all-reduce, would otherwise
+    go unnoticed)."""
     from megatron.core import parallel_state
 
     mismatched = []
     for model in _LIVE_MODELS:
         for name, param in model.named_parameters():
             is_expert = not getattr(param, "allreduce", True)
-            group = (
-                parallel_state.get_expert_data_parallel_group()
-                if is_expert
-                else parallel_state.get_data_parallel_group()
-            )
-            if group.size() == 1:
-                continue
+            if is_expert:
+                groups = [parallel_state.get_expert_data_parallel_group()]
+            else:
+                groups = [parallel_state.get_data_parallel_group()]
+                if not getattr(param, "tensor_model_parallel", False):
+                    groups.append(parallel_state.get_tensor_model_parallel_group())
             mine = param.detach().double().sum().reshape(1)
-            every = [torch.zeros_like(mine) for _ in range(group.size())]
-            torch.distributed.all_gather(every, mine, group=group)
-            if any(not torch.equal(other, mine) for other in every):
-                mismatched.append(name)
+            for group in groups:
+                if group.size() == 1:
+                    continue
+                every = [torch.zeros_like(mine) for _ in range(group.size())]
+                torch.distributed.all_gather(every, mine, group=group)
+                if any(not torch.equal(other, mine) for other in every):
+                    mismatched.append(name)
     rank = torch.distributed.get_rank()
     if mismatched:
-        raise RuntimeError(f"rank {rank}: data-parallel replicas differ in {mismatched[:5]}")
+        raise RuntimeError(f"rank {rank}: replicas differ in {sorted(set(mismatched))[:5]}")
     print(f"replica check (rank {rank}): data-parallel replicas hold identical weights", flush=True)
 
 
