@@ -62,14 +62,6 @@ TINY = [
     "NullTokenizer",
     "--vocab-size",
     "256",
-    "--transformer-impl",
-    "local",
-    "--no-gradient-accumulation-fusion",
-    "--no-masked-softmax-fusion",
-    "--no-bias-gelu-fusion",
-    "--no-bias-dropout-fusion",
-    "--no-rope-fusion",
-    "--no-persist-layer-norm",
     "--hidden-dropout",
     "0",
     "--attention-dropout",
@@ -80,8 +72,6 @@ TINY = [
     "10",
     "--eval-iters",
     "2",
-    "--distributed-backend",
-    "gloo",
     "--cpu-emulation",
 ]
 

@@ -21,9 +21,7 @@ if [ -n "${GPUS:-}" ]; then
                --bf16 --expert-model-parallel-size "$GPUS")
 else
     nproc=2
-    size_args=(--cpu-emulation --distributed-backend gloo --transformer-impl local
-               --no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-gelu-fusion
-               --no-bias-dropout-fusion --no-rope-fusion --no-persist-layer-norm
+    size_args=(--cpu-emulation
                --num-layers 2 --hidden-size 128 --num-attention-heads 4 --seq-length 128
                --max-position-embeddings 128 --micro-batch-size 4 --global-batch-size 16
                --expert-model-parallel-size 2)

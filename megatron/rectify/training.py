@@ -29,6 +29,20 @@ from megatron.rectify.config import (
 
 CPU_EMULATION_ENV = "MEGATRON_RECTIFY_CPU_EMULATION"
 CHECK_REPLICAS_ENV = "MEGATRON_RECTIFY_CHECK_REPLICAS"
+#: What ``--cpu-emulation`` implies: gloo, the local (non-TE) spec, and no CUDA-only fusions.
+#: Prepended to the command line, so an explicit flag of the user's still wins.
+CPU_EMULATION_DEFAULT_ARGS = (
+    "--distributed-backend",
+    "gloo",
+    "--transformer-impl",
+    "local",
+    "--no-gradient-accumulation-fusion",
+    "--no-masked-softmax-fusion",
+    "--no-bias-gelu-fusion",
+    "--no-bias-dropout-fusion",
+    "--no-rope-fusion",
+    "--no-persist-layer-norm",
+)
 _LIVE_MODELS: list = []  # the model chunks this rank built, for the replica check
 
 
@@ -80,7 +94,8 @@ def add_rectify_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "--cpu-emulation",
         action="store_true",
         help=f"Run on a machine without GPUs through megatron-rectify's CPU emulation layer "
-        f"(gloo). Slow; for development and CI only. Same as {CPU_EMULATION_ENV}=1.",
+        f"(gloo). Slow; for development and CI only. Same as {CPU_EMULATION_ENV}=1. Implies "
+        f"{' '.join(CPU_EMULATION_DEFAULT_ARGS)}.",
     )
     _escape_unformattable_help(parser)
     return parser
@@ -408,6 +423,7 @@ def main() -> None:
         from megatron.rectify.testing import cpu_emulation
 
         cpu_emulation.activate()
+        sys.argv[1:1] = list(CPU_EMULATION_DEFAULT_ARGS)
     from megatron.core.enums import ModelType
     from megatron.training import training
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
