@@ -110,3 +110,28 @@ def test_shared_experts_are_added_to_the_rectified_output() -> None:
         shared_only = shared.shared_experts(tokens)
     assert shared.router.last_routing.ir_expert.ge(0).any()
     torch.testing.assert_close(with_shared, without + shared_only)
+
+
+def test_inference_only_rectification_switches_with_eval_mode() -> None:
+    """--moe-rectify none --moe-rectify-eval ir+fr: vanilla routing in training, rectified
+    routing in evaluation passes (the paper's inference-only rectification)."""
+    from megatron.rectify.config import RectifyOptions
+    from megatron.rectify.training import install_eval_rectification
+
+    layer = cases.build_layer(cases.make_config({"experts": 4, "topk": 1, "mode": "none"}, 1))
+    model = torch.nn.Sequential(layer)
+    eval_options = RectifyOptions(intra_gpu=True, fill_in=True, ir_trigger="ignore_kth")
+    install_eval_rectification(model, eval_options)
+    x, _ = cases.rank_tokens(1)
+    tokens = x[0].unsqueeze(1)
+    model.train()
+    model(tokens)
+    assert layer.router.last_routing is None  # megatron's own top-k routing
+    model.eval()
+    with torch.no_grad():
+        model(tokens)
+    assert layer.router.last_routing is not None
+    assert (layer.router.last_routing.ir_expert >= 0).any()
+    model.train()
+    model(tokens)
+    assert layer.router.last_routing is None
