@@ -80,7 +80,8 @@ class MoERectifyAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self._ir_counts_per_tp_rank: list[list[int]] | None = None  # [tp][local expert]
         self._received_per_expert: list[int] | None = None
         self._ir_output: torch.Tensor | None = None
-        self.cudagraph_attrs = [*self.cudagraph_attrs, "_ir"]
+        # NOTE: the IR side batch is variable-sized, so it is not part of ``cudagraph_attrs``:
+        # capturing the MoE preprocess in a CUDA graph is only valid with IR off.
 
     def set_intra_gpu_assignment(
         self, ir_expert: torch.Tensor | None, ir_probs: torch.Tensor | None
