@@ -34,7 +34,6 @@ import argparse
 import collections
 import contextlib
 import glob
-import importlib.util
 import json
 import logging
 import multiprocessing
@@ -180,13 +179,12 @@ def _validate(args: argparse.Namespace) -> None:
     if len(set(args.json_keys)) != len(args.json_keys):
         raise PreprocessError(f"--json-keys has duplicates: {' '.join(args.json_keys)}")
     if args.tokenizer_type == "HuggingFaceTokenizer":
-        if importlib.util.find_spec("transformers") is None:
-            raise PreprocessError(
-                "--tokenizer-type HuggingFaceTokenizer needs the 'transformers' package, which "
-                "is not installed (pip install transformers)"
-            )
-        if not args.tokenizer_model:
-            raise PreprocessError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model")
+        from megatron.rectify.data import _require_transformers
+
+        try:
+            _require_transformers(args)  # the check training uses too
+        except RuntimeError as error:
+            raise PreprocessError(str(error)) from None
         if not Path(args.tokenizer_model).exists():
             raise PreprocessError(
                 f"{args.tokenizer_model}: tokenizer model path does not exist "
