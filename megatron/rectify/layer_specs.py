@@ -45,10 +45,26 @@ def rectify_mlp_builder(mlp: Any) -> Any:
 def rectify_layer_spec(layer_spec: ModuleSpec) -> ModuleSpec:
     """A transformer-layer spec with its MoE MLP rectified (dense layers untouched)."""
     spec = copy.copy(layer_spec)
+    mlp = rectify_mlp_builder(layer_spec.submodules.mlp)
+    keys_map = layer_spec.submodules.sharded_state_dict_keys_map
+    if mlp is not layer_spec.submodules.mlp:
+        keys_map = moe_layer_checkpoint_keys(keys_map)
     spec.submodules = dataclasses.replace(
-        layer_spec.submodules, mlp=rectify_mlp_builder(layer_spec.submodules.mlp)
+        layer_spec.submodules, mlp=mlp, sharded_state_dict_keys_map=keys_map
     )
     return spec
+
+
+def moe_layer_checkpoint_keys(keys_map: dict[str, str]) -> dict[str, str]:
+    """Checkpoint names of an MoE layer of the local spec, made equal to the TE spec's.
+
+    megatron's local spec saves ``pre_mlp_layernorm`` under the name of TE's fused
+    ``mlp.linear_fc1.layer_norm_weight`` so that dense local and TE checkpoints are
+    interchangeable; but in an MoE layer the TE spec keeps a separate ``pre_mlp_layernorm``, so
+    megatron's rename makes local-spec MoE checkpoints unloadable by TE runs. Without the rename,
+    a checkpoint written on the CPU (local spec: the conversion tools) loads in a TE training run.
+    """
+    return {old: new for old, new in keys_map.items() if old != "pre_mlp_layernorm."}
 
 
 def get_gpt_layer_local_spec_rectify(*args: Any, **kwargs: Any) -> ModuleSpec:

@@ -138,6 +138,11 @@ def rectify_arg_problems(args: argparse.Namespace) -> list[str]:
             f"--expert-model-parallel-size {args.expert_model_parallel_size}: every EP rank "
             "must hold the same number of experts."
         )
+    if args.num_experts and args.moe_router_topk == 1 and not args.moe_router_pre_softmax:
+        problems.append(
+            "--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core refuses top-1 "
+            "without it: a softmax over the one chosen logit is always 1 and trains no router)."
+        )
     rectifying = args.moe_rectify != "none" or args.moe_rectify_eval not in ("train", "none")
     if rectifying and args.moe_token_dispatcher_type != "alltoall":
         problems.append(
@@ -180,29 +185,59 @@ def cpu_emulation_requested(argv: list[str] | None = None) -> bool:
     return "--cpu-emulation" in argv or os.environ.get(CPU_EMULATION_ENV) == "1"
 
 
-def parse_and_validate_args(args_defaults: dict | None = None) -> argparse.Namespace:
+def parse_and_validate_args(
+    args_defaults: dict | None = None,
+    build_tokenizer: bool = True,
+    prog: str = "pretrain_gpt_rectify.py",
+) -> argparse.Namespace:
     """megatron's parse -> our checks (exit 2 with a message) -> megatron's validation."""
     from megatron.training.arguments import parse_args, validate_args
     from megatron.training.global_vars import set_global_variables
 
     args_defaults = args_defaults or {}
     args = parse_args(add_rectify_args)
+    if args.use_checkpoint_args:
+        _restore_model_args_from_checkpoint(args, prog)
     problems = rectify_arg_problems(args)
     if problems:
         for problem in problems:
-            print(f"pretrain_gpt_rectify.py: error: {problem}", file=sys.stderr)
+            print(f"{prog}: error: {problem}", file=sys.stderr)
         sys.exit(2)
     try:
         validate_args(args, args_defaults)
     except AssertionError as error:  # megatron's checks are bare asserts: say which one failed
         print(
-            f"pretrain_gpt_rectify.py: error: megatron argument check failed: "
-            f"{_failed_assertion(error)}",
+            f"{prog}: error: megatron argument check failed: {_failed_assertion(error)}",
             file=sys.stderr,
         )
         sys.exit(2)
-    set_global_variables(args)
+    set_global_variables(args, build_tokenizer=build_tokenizer)
     return args
+
+
+#: Model-defining args that megatron's ``--use-checkpoint-args`` does not restore but that change
+#: the network's output: a model trained with ``--norm-epsilon 1e-6`` must not be rebuilt with 1e-5.
+EXTRA_CHECKPOINT_MODEL_ARGS = ("layernorm_epsilon", "make_vocab_size_divisible_by")
+
+
+def _restore_model_args_from_checkpoint(args: argparse.Namespace, prog: str) -> None:
+    """``--use-checkpoint-args``: megatron's own restore (architecture, MoE shape) plus
+    :data:`EXTRA_CHECKPOINT_MODEL_ARGS`, before any validation (megatron does it in its
+    ``parse_and_validate_args``, which this module replaces)."""
+    from megatron.training.checkpointing import load_args_from_checkpoint
+
+    if args.load is None:
+        print(f"{prog}: error: --use-checkpoint-args needs --load DIR", file=sys.stderr)
+        sys.exit(2)
+    restored = load_args_from_checkpoint(args)
+    if not isinstance(restored, tuple):  # megatron returns args alone when nothing was found
+        print(f"{prog}: error: --use-checkpoint-args: no checkpoint args in {args.load}",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+    _, checkpoint_args = restored
+    for name in EXTRA_CHECKPOINT_MODEL_ARGS:
+        if getattr(checkpoint_args, name, None) is not None:
+            setattr(args, name, getattr(checkpoint_args, name))
 
 
 def _failed_assertion(error: AssertionError) -> str:
