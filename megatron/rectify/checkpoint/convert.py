@@ -236,8 +236,8 @@ def export_hf(
     check_destination(hf_dir, overwrite)
     saved = read_checkpoint_args(load_dir)
     vocab = vocab_size or getattr(saved, "hf_vocab_size", None) or saved.padded_vocab_size
-    architecture_from_megatron_args(saved, vocab)  # refuse before the slow part
-    args = session.start_megatron(
+    arch = architecture_from_megatron_args(saved, vocab)  # refuse before the slow part
+    session.start_megatron(
         [
             "--load",
             str(load_dir),
@@ -247,7 +247,6 @@ def export_hf(
         ],  # fmt: skip
         prog="convert export",
     )
-    arch = architecture_from_megatron_args(args, vocab)
     model = session.build_model()
     session.load_model_weights(model)
     state = session.megatron_state_dict(model)

@@ -46,12 +46,16 @@ def _rope_theta(config: dict[str, Any]) -> float:
     ``rope_theta`` / ``rope_scaling``."""
     parameters = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
-    rope_type = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    if rope_type not in (None, "default"):
-        raise CheckpointToolError(
-            f"RoPE scaling '{rope_type}' is not supported (only plain RoPE converts exactly); "
-            "convert a model without rope_scaling."
-        )
+    for rope_type in (
+        parameters.get("rope_type"),
+        scaling.get("rope_type"),
+        scaling.get("type"),
+    ):
+        if rope_type not in (None, "default"):
+            raise CheckpointToolError(
+                f"RoPE scaling '{rope_type}' is not supported (only plain RoPE converts "
+                "exactly); convert a model without rope_scaling."
+            )
     theta = parameters.get("rope_theta", config.get("rope_theta"))
     return float(theta if theta is not None else 10000.0)
 
@@ -153,7 +157,12 @@ def architecture_from_megatron_args(args: argparse.Namespace, vocab_size: int) -
         ),
         "--moe-router-score-function softmax": getattr(args, "moe_router_score_function", "softmax")
         == "softmax",
-        "no --moe-router-pre-softmax": not getattr(args, "moe_router_pre_softmax", False),
+        # rectified gate weights are renormalised over the chosen experts, as Mixtral's are;
+        # megatron's plain pre-softmax weights are raw probabilities
+        "--moe-rectify (or no --moe-router-pre-softmax)": not getattr(
+            args, "moe_router_pre_softmax", False
+        )
+        or getattr(args, "moe_rectify", "none") != "none",
         "no --apply-layernorm-1p": not getattr(args, "apply_layernorm_1p", False),
         "no --moe-router-topk-scaling-factor": getattr(args, "moe_router_topk_scaling_factor", None)
         in (None, 1.0),
