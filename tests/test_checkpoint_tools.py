@@ -335,6 +335,37 @@ def test_upcycled_llama_reproduces_the_dense_logits_at_step_zero(
     assert lossy.returncode == 1 and "MISMATCH" in lossy.stdout
 
 
+def test_upcycling_every_other_layer_keeps_the_dense_layers_dense(
+    hf_llama: Path, tmp_path: Path
+) -> None:
+    save = tmp_path / "moe"
+    ok(run_tool("upcycle_dense_to_moe.py", "--hf-dir", str(hf_llama), "--save-dir", str(save),
+                "--num-experts", "2", "--moe-layer-freq", "[0,1]"))  # fmt: skip
+    keys = set(read_full_tensors(save))
+    assert "decoder.layers.1.mlp.experts.experts.linear_fc1.weight" in keys  # layer 1: MoE
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in keys  # layer 0: dense FFN
+    assert not any(key.startswith("decoder.layers.0.mlp.experts") for key in keys)
+    rectified = ["--moe-rectify", "ir", "--moe-expert-capacity-factor", "1.0"]
+    out = ok(run_tool("convert_hf.py", "verify", "--hf-dir", str(hf_llama), "--load-dir",
+                      str(save), *rectified))  # fmt: skip
+    assert "MATCH" in out
+
+
+def test_bf16_import_and_export(hf_mixtral: Path, tmp_path: Path) -> None:
+    save, out_dir = tmp_path / "mg", tmp_path / "hf"
+    ok(run_tool("convert_hf.py", "import", "--hf-dir", str(hf_mixtral), "--save-dir", str(save),
+                "--dtype", "bf16"))  # fmt: skip
+    megatron = read_full_tensors(save)
+    assert megatron["embedding.word_embeddings.weight"].dtype == torch.bfloat16
+    ok(run_tool("convert_hf.py", "export", "--load-dir", str(save), "--hf-dir", str(out_dir),
+                "--dtype", "bf16"))  # fmt: skip
+    original, exported = hf_tensors(hf_mixtral), hf_tensors(out_dir)
+    assert json.loads((out_dir / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    for name, tensor in original.items():
+        assert exported[name].dtype == torch.bfloat16
+        assert torch.equal(tensor.to(torch.bfloat16), exported[name]), name
+
+
 def test_bad_inputs_fail_early_and_leave_nothing_behind(hf_llama: Path, tmp_path: Path) -> None:
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
