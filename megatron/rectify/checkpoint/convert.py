@@ -126,7 +126,7 @@ def import_hf(
         raise CheckpointToolError(
             "--num-experts on a dense model: use tools/checkpoint/upcycle_dense_to_moe.py"
         )
-    reader.names  # noqa: B018 - a folder without weights fails here, before megatron starts
+    reader.require_weights()  # a folder without weights fails here, before megatron starts
     experts = int(num_experts) if num_experts is not None else arch.num_experts
     problems = layout.problems(arch, experts)
     if problems:

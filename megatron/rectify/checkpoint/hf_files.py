@@ -60,6 +60,10 @@ class HFCheckpointReader:
             self._files = self._tensor_files()
         return self._files
 
+    def require_weights(self) -> None:
+        """Fail now (not after minutes of model building) if the folder has no weights."""
+        self._file_of  # noqa: B018 - the property finds the files or raises
+
     @property
     def names(self) -> set[str]:
         return set(self._file_of)

@@ -10,6 +10,7 @@ wrong. A fresh interpreter with only torch and transformers is the reference we 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
         tokens_path, out_path = Path(scratch) / "tokens.pt", Path(scratch) / "logits.pt"
         torch.save(tokens, tokens_path)
         command = [sys.executable, "-m", __name__, hf_dir, str(tokens_path), str(out_path)]
-        env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""}
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
         env.pop("MEGATRON_RECTIFY_CPU_EMULATION", None)
         for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(name, None)
