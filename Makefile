@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint format bench-router bench-layer clean-venv
+.PHONY: setup demo test lint format bench-quality bench-perf bench-router bench-layer clean-venv
 
 setup: $(VENV)/.setup-stamp
 
@@ -26,13 +26,26 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-## Router forward+backward cost: RectifyRouter (IR+FR) / TopKRouter, same process.
-bench-router: setup
-	$(PY) benchmarks/router_overhead.py
+## Cost benchmarks, rectified / vanilla in the same run: router, MoE layer, training iteration,
+## EP all-to-all bytes (vs a re-dispatch baseline). Writes docs/results/perf.md, perf_*.json and
+## perf_*.png; about 10-15 minutes on 2 CPU cores. BENCH_ARGS="--preset full" for a bigger sweep.
+bench-perf: setup
+	$(PY) -m benchmarks.perf $(BENCH_ARGS)
 
-## One MoE layer forward+backward: rectified / megatron, 2 gloo processes (torchrun on GPUs).
+## Only the router part (refreshes its JSON and the report).
+bench-router: setup
+	$(PY) -m benchmarks.perf --parts router $(BENCH_ARGS)
+
+## Only the MoE layer part (gloo processes on CPU; torchrun on GPUs, see scripts/gpu_check.sh).
 bench-layer: setup
-	$(PY) benchmarks/moe_layer_overhead.py --repeats 20
+	$(PY) -m benchmarks.perf --parts layer $(BENCH_ARGS)
+
+## Quality reproduction of the paper (grid, capacity sweep, inference-only rectification, LB on/off;
+## 3 seeds): trains small MoE GPTs, writes docs/results/quality.md + quality_*.png. Finished runs are
+## cached in benchmarks/quality/runs/ (an interrupted run resumes). QUALITY_ARGS="--quick" to smoke
+## test, "--gpus 8 --preset gpu" on a GPU node, "--help" for the rest.
+bench-quality: setup
+	$(PY) -m benchmarks.quality $(QUALITY_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -5,15 +5,32 @@
 #     bash scripts/gpu_check.sh [OUT_DIR]
 #
 # Writes OUT_DIR/gpu_check.md (default ./gpu_check_out) with the device, the date, the test
-# summary and the benchmark tables; paste it into docs/benchmarks.md.
+# summary and the benchmark tables, and OUT_DIR/perf/ with the cost benchmarks' JSON, report
+# (perf.md) and plots: the GPU counterpart of docs/results/perf.md (`make bench-perf` on CPU).
 # Offline GPU machines: put wheels (megatron-core, optionally transformer-engine) in .whl/; they
 # are installed into /tmp/site first. The CPU-emulation tests are skipped on CUDA machines.
+#
+# GPU_CHECK_DRY_RUN=1 (any machine): print the benchmark commands instead of running anything,
+# with GPU_CHECK_NGPU GPUs (default 8) and GPU_CHECK_TE=1 to pretend Transformer Engine is there;
+# tests/test_bench_perf.py uses it to check the commands against the benchmark's CLI.
 set -uo pipefail
 out="${1:-${OUT:-gpu_check_out}}"
-mkdir -p "$out"
-report="$out/gpu_check.md"
+dry_run="${GPU_CHECK_DRY_RUN:-}"
 py="${PYTHON:-python3}"
 if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then py=.venv/bin/python; fi
+
+# The torchrun command of the cost benchmarks (router, layer, iteration, bytes) on all GPUs, bf16.
+perf_command() {  # ngpu te_flag out_dir
+    echo "$py -m torch.distributed.run --nproc-per-node $1 -m benchmarks.perf --preset gpu --bf16 $2 --out $3"
+}
+
+if [ -n "$dry_run" ]; then
+    te_dry=""; [ -n "${GPU_CHECK_TE:-}" ] && te_dry="--te"
+    perf_command "${GPU_CHECK_NGPU:-8}" "$te_dry" "$out/perf"
+    exit 0
+fi
+mkdir -p "$out"
+report="$out/gpu_check.md"
 if ls .whl/*.whl >/dev/null 2>&1; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
@@ -33,15 +50,17 @@ if "$py" -c 'import transformer_engine.pytorch' 2>/dev/null; then te_flag="--te"
     "$py" -m pytest tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tail -15
     echo '```'
     echo
-    echo '## Router forward+backward (benchmarks/router_overhead.py)'
-    "$py" benchmarks/router_overhead.py --repeats 20 2>&1 | grep '^[#|]'
+    echo "## Cost benchmarks, x$ngpu GPUs, bf16 ${te_flag} (benchmarks/perf)"
     echo
-    echo "## One MoE layer, EP=$ngpu, bf16 ${te_flag} (benchmarks/moe_layer_overhead.py)"
-    for topk in 1 2; do
-        "$py" -m torch.distributed.run --nproc-per-node "$ngpu" benchmarks/moe_layer_overhead.py \
-            --ep "$ngpu" --bf16 $te_flag --tokens 16384 --hidden 2048 --ffn 8192 \
-            --experts $((8 > ngpu ? 8 : ngpu)) --topk "$topk" --repeats 20 2>&1 | grep '^[#|]'
-    done
+    echo "Command: \`$(perf_command "$ngpu" "$te_flag" "$out/perf")\`; full report with plots:"
+    echo "$out/perf/perf.md (tokens/s, TFLOP/s per GPU and peak memory, vanilla vs IR+FR)."
+    echo
+    if $(perf_command "$ngpu" "$te_flag" "$out/perf") > "$out/perf.log" 2>&1; then
+        sed -n '/^## Headline/,/^!\[/p' "$out/perf/perf.md" | grep -v '^!\['
+    else
+        echo "benchmarks/perf FAILED, last lines of $out/perf.log:"
+        echo '```'; tail -30 "$out/perf.log"; echo '```'
+    fi
     echo
     echo "## Short real training, EP=$ngpu, bf16 ${te_flag}: vanilla vs IR+FR (pretrain_gpt_rectify.py)"
     echo "| routing | ms/iteration | tokens/s per GPU | TFLOP/s per GPU | final lm loss |"

@@ -1,0 +1,228 @@
+"""One MoE layer forward+backward: ``RectifyMoELayer`` (IR+FR) / megatron's ``MoELayer``.
+
+Both layers are built in the same EP ranks from the same weights (megatron's local spec with
+``SequentialMLP`` experts, or the Transformer-Engine spec with grouped GEMM on GPUs), use the
+alltoall dispatcher with the same capacity, and run on the same tokens. The rectified layer
+computes more tokens (the IR batch) and copies the received tokens once more; this is what the
+ratio prices.
+
+Also used by :mod:`.a2a_bytes`, which builds the same layers in every routing mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from benchmarks.perf.common import (
+    SEED,
+    device,
+    interleaved,
+    launch,
+    peak_memory_gib,
+    reseed,
+    summarize,
+)
+from benchmarks.perf.sweeps import LayerCase
+
+#: Routing modes a layer can be built in: megatron's (``none``), the rectified ones, and the
+#: comparison-only baseline that re-dispatches dropped tokens across GPUs.
+MODES = ("none", "ir", "fr", "ir+fr", "redispatch")
+
+
+def ir_trigger(mode: str) -> str:
+    """ignore_kth for IR+FR (the authors' setting); ``any`` for IR alone, which then rescues
+    the same tokens (at least one top-k choice dropped) as the re-dispatch baseline."""
+    return "ignore_kth" if mode == "ir+fr" else "any"
+
+
+def layer_config(case: LayerCase, mode: str, bf16: bool = False, te: bool = False):
+    """The layer's ``TransformerConfig``; ``redispatch`` is megatron's routing (mode none)."""
+    from megatron.rectify.config import RectifyTransformerConfig
+
+    return RectifyTransformerConfig(
+        num_layers=1,
+        hidden_size=case.hidden,
+        ffn_hidden_size=case.ffn,
+        moe_ffn_hidden_size=case.ffn,
+        num_attention_heads=8,
+        num_moe_experts=case.experts,
+        moe_router_topk=case.topk,
+        moe_router_pre_softmax=case.topk == 1,
+        moe_token_dispatcher_type="alltoall",
+        moe_expert_capacity_factor=case.capacity_factor,
+        moe_pad_expert_input_to_capacity=case.pad,
+        moe_grouped_gemm=te,
+        moe_aux_loss_coeff=0.0,
+        moe_rectify="none" if mode in ("none", "redispatch") else mode,
+        moe_rectify_ir_trigger=ir_trigger(mode),
+        expert_model_parallel_size=case.ep,
+        add_bias_linear=False,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def layer_spec(mode: str, experts: int, te: bool = False):
+    """megatron's layer spec (local or TE) with its MoE module chosen by ``mode``."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from benchmarks.perf.redispatch import redispatch_layer_spec
+    from megatron.rectify.layer_specs import rectify_layer_spec
+
+    if te:
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=True
+        )
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False)
+    if mode == "none":
+        return spec
+    if mode == "redispatch":
+        return redispatch_layer_spec(spec)
+    return rectify_layer_spec(spec)
+
+
+def build_layer(
+    case: LayerCase,
+    mode: str,
+    bf16: bool = False,
+    te: bool = False,
+    state: dict[str, torch.Tensor] | None = None,
+) -> torch.nn.Module:
+    """One MoE layer in ``mode``; ``state`` (another layer's ``state_dict``) makes the weights
+    identical across modes (every mode has the same parameters)."""
+    config = layer_config(case, mode, bf16, te)
+    spec = layer_spec(mode, case.experts, te)
+    layer = spec.submodules.mlp(config=config, layer_number=1).to(device())
+    if state is not None:
+        layer.load_state_dict(state)
+    layer.train()
+    return layer
+
+
+def rank_inputs(case: LayerCase, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """This EP rank's tokens [T, 1, H] and output gradient (different on every rank)."""
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_expert_model_parallel_rank()
+    rank += 1000 * parallel_state.get_expert_data_parallel_rank()
+    gen = torch.Generator().manual_seed(SEED + rank)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x = torch.randn(case.tokens, 1, case.hidden, generator=gen).to(device(), dtype)
+    upstream = torch.randn(case.tokens, 1, case.hidden, generator=gen).to(device(), dtype)
+    return x, upstream
+
+
+def forward_backward(layer: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> None:
+    """One training call of the layer: forward, then backward of ``<output, upstream>``."""
+    x = x.detach().requires_grad_()
+    output, _ = layer(x)
+    (output * upstream).sum().backward()
+
+
+def model_flops(case: LayerCase) -> float:
+    """Model FLOPs of one forward+backward per rank (megatron's convention: every token's k
+    expert MLPs and the gating GEMM, x3 for the backward; capacity, padding and IR ignored, so
+    both variants are credited the same work)."""
+    per_token = 2 * case.hidden * case.experts + case.topk * 4 * case.hidden * case.ffn
+    return 3.0 * case.tokens * per_token
+
+
+def measure(
+    case: LayerCase,
+    repeats: int,
+    warmup: int,
+    bf16: bool = False,
+    te: bool = False,
+    budget_s: float = 0.0,
+) -> dict[str, Any]:
+    """Interleaved timings of both layers on one case (this rank's view)."""
+    reseed()
+    vanilla = build_layer(case, "none", bf16, te)
+    rectified = build_layer(case, "ir+fr", bf16, te, state=vanilla.state_dict())
+    x, upstream = rank_inputs(case, bf16)
+    layers = {"vanilla": vanilla, "rectified": rectified}
+    calls = {name: _bound(layer, x, upstream) for name, layer in layers.items()}
+    row: dict[str, Any] = {
+        **dataclasses.asdict(case),
+        **summarize(interleaved(calls, repeats, warmup, budget_s)),
+    }
+    for name, call in calls.items():
+        seconds = row[f"{name}_ms"] / 1e3
+        row[f"{name}_tokens_per_s"] = case.tokens / seconds
+        row[f"{name}_tflops"] = model_flops(case) / seconds / 1e12
+        row[f"{name}_peak_gib"] = peak_memory_gib(call)
+    row.update(rectified.router.statistics().as_percentages())
+    return row
+
+
+def _bound(layer: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor):
+    return lambda: forward_backward(layer, x, upstream)
+
+
+def bench_rank(
+    rank: int,
+    world_size: int,
+    cases: list[LayerCase],
+    repeats: int,
+    warmup: int,
+    bf16: bool = False,
+    te: bool = False,
+    budget_s: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Rank body: every case of one EP size in turn."""
+    rows = []
+    for case in cases:
+        row = measure(case, repeats, warmup, bf16, te, budget_s)
+        if rank == 0:
+            print(f"layer {case}: ratio {row['ratio']:.3f}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def run(
+    cases: list[LayerCase],
+    repeats: int,
+    warmup: int,
+    bf16: bool = False,
+    te: bool = False,
+    budget_s: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Every case, grouped by EP size (one launch per EP size); timings from rank 0 (already
+    the slowest rank's), routing rates averaged over ranks."""
+    rows = []
+    for ep in sorted({case.ep for case in cases}):
+        group = [case for case in cases if case.ep == ep]
+        per_rank = launch(
+            bench_rank,
+            ep,
+            cases=group,
+            repeats=repeats,
+            warmup=warmup,
+            bf16=bf16,
+            te=te,
+            budget_s=budget_s,
+        )
+        rows.extend(average_rates(per_rank))
+    return rows
+
+
+#: Routing rates that differ per rank (each routes its own tokens): averaged in the report.
+RATE_KEYS = ("dropped_pct", "padded_pct", "filled_in_pct", "rectified_pct", "lost_pct")
+
+
+def average_rates(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Rank 0's rows with the routing rates replaced by their mean over ranks."""
+    rows = []
+    for index, row in enumerate(per_rank[0]):
+        row = dict(row)
+        for key in RATE_KEYS:
+            if key in row:
+                row[key] = sum(r[index][key] for r in per_rank) / len(per_rank)
+        rows.append(row)
+    return rows

@@ -1,0 +1,212 @@
+"""The quality benchmark (``benchmarks/quality``): plan, log parsing, statistics, report, and
+one real tiny training run that goes through the whole pipeline and the cache.
+
+The pure tests use synthetic logs and records (milliseconds). The end-to-end test launches
+``python -m benchmarks.quality --quick`` in a subprocess (it forks gloo ranks and activates the
+CPU emulation, neither of which may happen inside the pytest process).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.quality import logparse, plan, report  # noqa: E402
+
+LOG = """\
+ [2026-11-23 01:00:00.1] iteration       10/      20 | consumed samples:          160 | \
+elapsed time per iteration (ms): 205.9 | learning rate: 1.0E-03 | global batch size:    16 | \
+lm loss: 5.289138E+00 | load_balancing_loss: 1.102491E+00 | rectify_dropped_pct: 18.5 | \
+rectify_padded_pct: 3.25 | rectify_filled_in_pct: 15.25 | rectify_rectified_pct: 18.5 | \
+rectify_max_over_mean_load: 1.9 | loss scale: 1.0 | grad norm: 2.975 |
+ [2026-11-23 01:00:01.1] iteration       20/      20 | consumed samples:          320 | \
+elapsed time per iteration (ms): 139.8 | learning rate: 2.0E-04 | global batch size:    16 | \
+lm loss: 3.963957E+00 | load_balancing_loss: 1.106833E+00 | loss scale: 1.0 |
+ validation loss at iteration 20 on validation set | lm loss value: 3.0E+00 | lm loss PPL: 20.1 |
+ validation loss at iteration 20 on validation set [eval rectify ir+fr] | lm loss value: 2.5E+00 |
+ validation loss at iteration 20 on test set | lm loss value: 2.000000E+00 | lm loss PPL: 7.4 |
+ validation loss at iteration 20 on test set [eval rectify ir+fr] | lm loss value: 1.500000E+00 |
+rectify routing summary (pipeline stage 0, this rank's tokens, all training iterations):
+  MoE layer 1: dropped 10.00 % | padded 4.00 % | filled-in 6.00 % | rectified 10.00 %
+  MoE layer 2: dropped 20.00 % | padded 8.00 % | filled-in 12.00 % | rectified 20.00 %
+quality eval routing summary (this rank's tokens, all evaluation passes):
+  eval [as trained] MoE layer 1: dropped 5.00 % | padded 5.00 % | filled-in 0.00 % | \
+rectified 0.00 % | lost 5.00 %
+  eval [ir+fr] MoE layer 1: dropped 5.00 % | padded 1.00 % | filled-in 4.00 % | \
+rectified 5.00 % | lost 0.00 %
+"""
+
+
+def test_log_parser_reads_curve_heldout_and_both_routing_summaries() -> None:
+    record = logparse.parse_log(LOG)
+    assert [entry["iteration"] for entry in record["curve"]] == [10, 20]
+    assert record["curve"][0]["lm_loss"] == pytest.approx(5.289138)
+    assert record["curve"][0]["filled_in_pct"] == pytest.approx(15.25)
+    assert "dropped_pct" not in record["curve"][1]
+    # held-out = mean of validation and test, per evaluation mode
+    assert record["heldout"]["as trained"]["loss"] == pytest.approx(2.5)
+    assert record["heldout"]["ir+fr"]["loss"] == pytest.approx(2.0)
+    assert record["train_routing"]["mean"]["dropped_pct"] == pytest.approx(15.0)
+    assert record["train_routing"]["per_layer"]["2"]["padded_pct"] == pytest.approx(8.0)
+    assert record["eval_routing"]["ir+fr"]["mean"]["filled_in_pct"] == pytest.approx(4.0)
+    assert record["eval_routing"]["as trained"]["mean"]["lost_pct"] == pytest.approx(5.0)
+    assert record["ms_per_iter"] == pytest.approx(139.8)  # first window excluded
+
+
+def _record(variant: str, rectify: str, seed: int, loss: float, **spec: object) -> dict:
+    full_spec = {
+        "topk": 1,
+        "rectify": rectify,
+        "capacity": 1.0,
+        "aux_loss": 0.01,
+        "seed": seed,
+        "recipe": "scratch",
+        "eval_modes": [],
+        "dense": False,
+        "unit_gate": False,
+        **spec,
+    }
+    return {
+        "spec": full_spec,
+        "variant": variant,
+        "heldout": {"as trained": {"loss": loss}},
+        "curve": [{"iteration": 10, "lm_loss": loss + 1}, {"iteration": 20, "lm_loss": loss}],
+        "train_routing": {"mean": {"dropped_pct": 10.0, "padded_pct": 10.0}},
+        "eval_routing": {},
+        "wall_s": 30.0,
+        "ms_per_iter": 150.0,
+        "run_dir": f"/runs/{variant}_{seed}",
+        "command": "python -m torch.distributed.run pretrain_observed.py --seed 1",
+    }
+
+
+def test_statistics_spread_and_paired_deltas() -> None:
+    stat = report.Stat.of([2.0, 2.2, 2.4])
+    assert stat.mean == pytest.approx(2.2) and stat.std == pytest.approx(0.2)  # n - 1
+    assert (stat.low, stat.high, stat.n) == (2.0, 2.4, 3)
+    vanilla = [_record("Top-1", "none", s, loss) for s, loss in ((1, 2.7), (2, 2.6), (3, 2.8))]
+    rectified = [_record("Top-1+FR+IR", "ir+fr", s, loss) for s, loss in ((1, 2.5), (3, 2.7))]
+    delta = report.paired_delta(rectified, vanilla)  # seed 2 has no partner: left out
+    assert delta.n == 2 and delta.mean == pytest.approx(-0.15)
+
+
+def test_target_check_needs_a_gap_above_twice_the_larger_spread() -> None:
+    vanilla = [_record("Top-1", "none", s, loss) for s, loss in ((1, 2.70), (2, 2.72), (3, 2.68))]
+    close = [_record("Top-1+FR+IR", "ir+fr", s, x) for s, x in ((1, 2.66), (2, 2.70), (3, 2.62))]
+    far = [_record("Top-1+FR+IR", "ir+fr", s, x) for s, x in ((1, 2.50), (2, 2.52), (3, 2.48))]
+    check = report.target_check(report.group_runs(vanilla + close), "scratch")
+    assert check["gap"] == pytest.approx(0.04) and check["spread"] == pytest.approx(0.04)
+    assert not check["holds"]
+    assert report.target_check(report.group_runs(vanilla + far), "scratch")["holds"]
+
+
+def test_plan_deduplicates_shared_runs_and_marks_inference_runs() -> None:
+    specs = plan.experiment_specs(plan.EXPERIMENTS, seeds=[1, 2])
+    assert len(specs) == len(set(specs)) == 2 * 21
+    by_slug = {spec.slug: spec for spec in specs}
+    assert by_slug["top-1_cf1_lb_s1"].eval_modes == ("ir", "fr", "ir+fr")
+    assert by_slug["top-1_cf0.5_lb_s1"].eval_modes == ("ir+fr",)
+    assert not by_slug["top-1-fr-ir_cf1_lb_s1"].eval_modes
+    assert "top-1-ir_cfdropless_lb_s1" not in by_slug  # nothing to rectify without capacity
+    upcycle = plan.experiment_specs(["grid"], [1], variants=["Top-1"], recipe="upcycle")
+    assert [spec.dense for spec in upcycle] == [True, False]
+
+
+def test_cache_key_follows_every_setting_that_changes_a_result() -> None:
+    spec = plan.RunSpec()
+    key = plan.run_key(spec, plan.Settings())
+    assert plan.run_key(spec, plan.Settings()) == key
+    assert plan.run_key(spec, plan.Settings(train_iters=151)) != key
+    assert plan.run_key(plan.RunSpec(seed=2), plan.Settings()) != key
+    assert plan.run_key(spec, plan.Settings(extra_args=("--split", "90,5,5"))) != key
+    # the dense model's length only matters to upcycled runs
+    assert plan.run_key(spec, plan.Settings(dense_iters=7)) == key
+    upcycled = plan.RunSpec(recipe="upcycle")
+    assert plan.run_key(upcycled, plan.Settings(dense_iters=7)) != plan.run_key(
+        upcycled, plan.Settings()
+    )
+
+
+def test_report_from_records_has_tables_and_plots(tmp_path: Path) -> None:
+    records = [_record("Top-1", "none", s, 2.7 + 0.01 * s) for s in (1, 2, 3)] + [
+        _record("Top-1+FR+IR", "ir+fr", s, 2.5 + 0.01 * s) for s in (1, 2, 3)
+    ]
+    meta = {
+        "date": "today",
+        "machine": "test",
+        "software": "test",
+        "command": "python -m benchmarks.quality",
+        "num_runs": 6,
+        "num_trained": 6,
+        "seeds": [1, 2, 3],
+        "invocation_s": 60.0,
+        "sum_run_s": 180.0,
+        "span": ("2026-01-01 00:00", "2026-01-01 00:03", 190.0),
+        "settings": plan.dataclasses.asdict(plan.Settings()),
+        "recipe": "scratch",
+        "data": "synthetic",
+        "failures": [],
+    }
+    path = report.write_report(records, tmp_path, meta, [1.0])
+    text = path.read_text()
+    assert "the target **holds**" in text
+    assert "| Top-1+FR+IR | 3 | 2.5200 ± 0.0100" in text
+    assert "-0.2000 ± 0.0000" in text
+    assert f"{math.exp(2.72):.3f}" in text
+    assert (tmp_path / "quality_loss_curves.png").stat().st_size > 1000
+    assert (tmp_path / "quality_capacity.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_quick_run_trains_parses_evaluates_rectified_and_caches(tmp_path: Path) -> None:
+    """One tiny vanilla Top-1 run (2 gloo ranks) with inference-only IR+FR, then the same
+    command again: the second invocation must reuse the run without training."""
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.quality",
+        "--quick",
+        "--experiments",
+        "grid,inference",
+        "--variants",
+        "Top-1",
+        "--capacities",
+        "1.0",
+        "--out",
+        str(tmp_path / "runs"),
+        "--report-dir",
+        str(tmp_path / "report"),
+    ]
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    (result,) = (tmp_path / "runs").glob("top-1_cf1_lb_s1_*/result.json")
+    record = json.loads(result.read_text())
+    assert set(record["heldout"]) == {"as trained", "ir", "fr", "ir+fr"}
+    assert all(0 < mode["loss"] < 10 for mode in record["heldout"].values())
+    vanilla = record["eval_routing"]["as trained"]["mean"]
+    rectified = record["eval_routing"]["ir+fr"]["mean"]
+    # 256 tokens per rank, 4 experts, capacity 1.0: every dropped token leaves one slot empty
+    assert vanilla["dropped_pct"] > 0
+    assert vanilla["padded_pct"] == pytest.approx(vanilla["dropped_pct"], abs=0.01)
+    assert vanilla["lost_pct"] == pytest.approx(vanilla["dropped_pct"], abs=0.01)
+    assert rectified["lost_pct"] == 0 and rectified["filled_in_pct"] > 0
+    assert record["train_routing"]["mean"]["dropped_pct"] > 0  # vanilla runs are counted too
+    assert len(record["curve"]) >= 2
+    assert (tmp_path / "report" / "quality.md").exists()
+
+    started = time.time()
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "cached" in second.stdout and "importing torch" not in second.stdout
+    assert time.time() - started < 30
+    assert json.loads(result.read_text())["finished"] == record["finished"]
