@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint format bench-quality bench-perf bench-router bench-layer clean-venv
+.PHONY: setup demo test lint format bench-quality bench-quality-upcycle bench-perf bench-router bench-layer clean-venv
 
 setup: $(VENV)/.setup-stamp
 
@@ -46,6 +46,13 @@ bench-layer: setup
 ## test, "--gpus 8 --preset gpu" on a GPU node, "--help" for the rest.
 bench-quality: setup
 	$(PY) -m benchmarks.quality $(QUALITY_ARGS)
+
+## The paper's recipe: a dense model first, then its upcycled MoE variants (Top-1 grid at cf 1.0 and
+## inference-only rectification, 3 seeds, 18 runs, about 15 minutes on 2 CPU cores); writes
+## docs/results/quality_upcycle.md + quality_upcycle_*.png.
+bench-quality-upcycle: setup
+	$(PY) -m benchmarks.quality --recipe upcycle --experiments grid,inference \
+		--variants 'Top-1,Top-1 (gate 1),Top-1+IR,Top-1+FR,Top-1+FR+IR' $(QUALITY_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
