@@ -4,8 +4,8 @@ Why interleaved timing: on a shared machine (the 2-core development VM, a GPU no
 neighbours) the speed drifts within seconds. Timing vanilla and rectified alternately, in the same
 processes, with the order swapped every repeat, puts both under the same drift, so their *ratio*
 is meaningful even when the absolute times wander. A repeat's time is that of the slowest rank
-(an MoE step is as slow as its slowest EP rank), and the headline is the ratio of the medians;
-the quartiles of the per-repeat ratios show the noise.
+(an MoE step is as slow as its slowest EP rank); the headline is the median of the per-repeat
+ratios and their quartiles show the noise.
 """
 
 from __future__ import annotations
