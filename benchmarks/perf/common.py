@@ -216,6 +216,56 @@ def _launch_in_torchrun(fn: Callable[..., Any], ep: int, **kwargs: Any) -> list:
     return gathered
 
 
+#: Routing rates that differ per rank (each routes its own tokens): averaged in the report.
+RATE_KEYS = ("dropped_pct", "padded_pct", "filled_in_pct", "rectified_pct", "lost_pct")
+
+
+def average_rates(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Rank 0's rows with the routing rates replaced by their mean over ranks."""
+    rows = []
+    for index, row in enumerate(per_rank[0]):
+        row = dict(row)
+        for key in RATE_KEYS:
+            if key in row:
+                row[key] = sum(r[index][key] for r in per_rank) / len(per_rank)
+        rows.append(row)
+    return rows
+
+
+def _measure_each_case(
+    rank: int,
+    world_size: int,
+    measure: Callable[..., dict[str, Any]],
+    label: str,
+    cases: list[Any],
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """Rank body of :func:`run_per_ep`: ``measure(case, **options)`` for every case in turn."""
+    rows = []
+    for case in cases:
+        row = measure(case, **options)
+        if rank == 0:
+            print(f"{label} {case}: ratio {row['ratio']:.3f}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def run_per_ep(
+    measure: Callable[..., dict[str, Any]], label: str, cases: list[Any], **options: Any
+) -> list[dict[str, Any]]:
+    """Every case (each with an ``ep`` field), one launch per EP size since a launch fixes the
+    expert-parallel group; timings from rank 0 (already the slowest rank's), routing rates
+    averaged over ranks. ``measure`` must be a module-level function (it crosses processes)."""
+    rows = []
+    for ep in sorted({case.ep for case in cases}):
+        group = [case for case in cases if case.ep == ep]
+        per_rank = launch(
+            _measure_each_case, ep, measure=measure, label=label, cases=group, **options
+        )
+        rows.extend(average_rates(per_rank))
+    return rows
+
+
 def is_reporting_process() -> bool:
     """Only one process prints and writes files (rank 0 under torchrun, the parent on CPU)."""
     return not launched_by_torchrun() or torchrun_world()[0] == 0

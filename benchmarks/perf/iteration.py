@@ -27,9 +27,9 @@ import torch
 from benchmarks.perf.common import (
     device,
     interleaved,
-    launch,
     peak_memory_gib,
     reseed,
+    run_per_ep,
     summarize,
 )
 from benchmarks.perf.layer import ir_trigger, layer_spec
@@ -261,26 +261,6 @@ def rectified_rates(module: torch.nn.Module) -> dict[str, float]:
     return {key: sum(s[key] for s in summaries) / len(summaries) for key in summaries[0]}
 
 
-def bench_rank(
-    rank: int,
-    world_size: int,
-    cases: list[IterationCase],
-    repeats: int,
-    warmup: int,
-    bf16: bool = False,
-    te: bool = False,
-    budget_s: float = 0.0,
-) -> list[dict[str, Any]]:
-    """Rank body: every case of one EP size in turn."""
-    rows = []
-    for case in cases:
-        row = measure(case, repeats, warmup, bf16, te, budget_s)
-        if rank == 0:
-            print(f"iteration {case}: ratio {row['ratio']:.3f}", flush=True)
-        rows.append(row)
-    return rows
-
-
 def run(
     cases: list[IterationCase],
     repeats: int,
@@ -290,20 +270,13 @@ def run(
     budget_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Every case, one launch per EP size; rank 0's rows (rates averaged over ranks)."""
-    from benchmarks.perf.layer import average_rates
-
-    rows = []
-    for ep in sorted({case.ep for case in cases}):
-        group = [case for case in cases if case.ep == ep]
-        per_rank = launch(
-            bench_rank,
-            ep,
-            cases=group,
-            repeats=repeats,
-            warmup=warmup,
-            bf16=bf16,
-            te=te,
-            budget_s=budget_s,
-        )
-        rows.extend(average_rates(per_rank))
-    return rows
+    return run_per_ep(
+        measure,
+        "iteration",
+        cases,
+        repeats=repeats,
+        warmup=warmup,
+        bf16=bf16,
+        te=te,
+        budget_s=budget_s,
+    )

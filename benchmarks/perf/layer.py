@@ -20,9 +20,9 @@ from benchmarks.perf.common import (
     SEED,
     device,
     interleaved,
-    launch,
     peak_memory_gib,
     reseed,
+    run_per_ep,
     summarize,
 )
 from benchmarks.perf.sweeps import LayerCase
@@ -165,26 +165,6 @@ def _bound(layer: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor):
     return lambda: forward_backward(layer, x, upstream)
 
 
-def bench_rank(
-    rank: int,
-    world_size: int,
-    cases: list[LayerCase],
-    repeats: int,
-    warmup: int,
-    bf16: bool = False,
-    te: bool = False,
-    budget_s: float = 0.0,
-) -> list[dict[str, Any]]:
-    """Rank body: every case of one EP size in turn."""
-    rows = []
-    for case in cases:
-        row = measure(case, repeats, warmup, bf16, te, budget_s)
-        if rank == 0:
-            print(f"layer {case}: ratio {row['ratio']:.3f}", flush=True)
-        rows.append(row)
-    return rows
-
-
 def run(
     cases: list[LayerCase],
     repeats: int,
@@ -195,34 +175,13 @@ def run(
 ) -> list[dict[str, Any]]:
     """Every case, grouped by EP size (one launch per EP size); timings from rank 0 (already
     the slowest rank's), routing rates averaged over ranks."""
-    rows = []
-    for ep in sorted({case.ep for case in cases}):
-        group = [case for case in cases if case.ep == ep]
-        per_rank = launch(
-            bench_rank,
-            ep,
-            cases=group,
-            repeats=repeats,
-            warmup=warmup,
-            bf16=bf16,
-            te=te,
-            budget_s=budget_s,
-        )
-        rows.extend(average_rates(per_rank))
-    return rows
-
-
-#: Routing rates that differ per rank (each routes its own tokens): averaged in the report.
-RATE_KEYS = ("dropped_pct", "padded_pct", "filled_in_pct", "rectified_pct", "lost_pct")
-
-
-def average_rates(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Rank 0's rows with the routing rates replaced by their mean over ranks."""
-    rows = []
-    for index, row in enumerate(per_rank[0]):
-        row = dict(row)
-        for key in RATE_KEYS:
-            if key in row:
-                row[key] = sum(r[index][key] for r in per_rank) / len(per_rank)
-        rows.append(row)
-    return rows
+    return run_per_ep(
+        measure,
+        "layer",
+        cases,
+        repeats=repeats,
+        warmup=warmup,
+        bf16=bf16,
+        te=te,
+        budget_s=budget_s,
+    )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron.rectify.layer_specs import replace_moe_classes
 from megatron.rectify.router import full_score_distribution
 
 
@@ -133,25 +133,11 @@ class RedispatchMoELayer(MoELayer):
         return recv
 
 
-def redispatch_mlp_builder(mlp: Any) -> Any:
-    """An MoE builder (``partial`` or ``ModuleSpec``) -> the re-dispatch baseline's."""
-    if isinstance(mlp, functools.partial) and issubclass(mlp.func, MoELayer):
-        submodules = dataclasses.replace(mlp.keywords["submodules"], router=RedispatchRouter)
-        return functools.partial(
-            RedispatchMoELayer, *mlp.args, **mlp.keywords | {"submodules": submodules}
-        )
-    if isinstance(mlp, ModuleSpec) and issubclass(mlp.module, MoELayer):
-        spec = copy.copy(mlp)
-        spec.module = RedispatchMoELayer
-        spec.submodules = dataclasses.replace(mlp.submodules, router=RedispatchRouter)
-        return spec
-    return mlp
-
-
 def redispatch_layer_spec(layer_spec: ModuleSpec) -> ModuleSpec:
     """A transformer-layer spec whose MoE MLP is the re-dispatch baseline."""
     spec = copy.copy(layer_spec)
     spec.submodules = dataclasses.replace(
-        layer_spec.submodules, mlp=redispatch_mlp_builder(layer_spec.submodules.mlp)
+        layer_spec.submodules,
+        mlp=replace_moe_classes(layer_spec.submodules.mlp, RedispatchMoELayer, RedispatchRouter),
     )
     return spec

@@ -23,23 +23,30 @@ from megatron.rectify.moe_layer import RectifyMoELayer
 from megatron.rectify.router import RectifyRouter
 
 
-def rectify_mlp_builder(mlp: Any) -> Any:
-    """An MoE builder (``partial(MoELayer, submodules=...)``) -> the rectified one.
+def replace_moe_classes(mlp: Any, layer_class: type, router_class: type) -> Any:
+    """An MoE builder (``partial(MoELayer, submodules=...)`` or a ``ModuleSpec``) with its layer
+    and router classes swapped, everything else (experts, shared experts, arguments) kept.
 
-    Anything that is not an MoE builder (a dense MLP spec) is returned unchanged.
+    Anything that is not an MoE builder (a dense MLP spec) is returned unchanged, so a whole
+    decoder-block spec can be passed through layer by layer.
     """
     if isinstance(mlp, functools.partial) and isinstance(mlp.func, type):
         if issubclass(mlp.func, MoELayer) and "submodules" in mlp.keywords:
-            submodules = dataclasses.replace(mlp.keywords["submodules"], router=RectifyRouter)
+            submodules = dataclasses.replace(mlp.keywords["submodules"], router=router_class)
             keywords = {**mlp.keywords, "submodules": submodules}
-            return functools.partial(RectifyMoELayer, *mlp.args, **keywords)
+            return functools.partial(layer_class, *mlp.args, **keywords)
     if isinstance(mlp, ModuleSpec) and isinstance(mlp.module, type):
         if issubclass(mlp.module, MoELayer):
             spec = copy.copy(mlp)
-            spec.module = RectifyMoELayer
-            spec.submodules = dataclasses.replace(mlp.submodules, router=RectifyRouter)
+            spec.module = layer_class
+            spec.submodules = dataclasses.replace(mlp.submodules, router=router_class)
             return spec
     return mlp
+
+
+def rectify_mlp_builder(mlp: Any) -> Any:
+    """An MoE builder -> the rectified one (dense MLP specs unchanged)."""
+    return replace_moe_classes(mlp, RectifyMoELayer, RectifyRouter)
 
 
 def rectify_layer_spec(layer_spec: ModuleSpec) -> ModuleSpec:
