@@ -91,6 +91,14 @@ def add_rectify_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "shows rectification applied only at inference already helps.",
     )
     group.add_argument(
+        "--eval-data-seed",
+        type=int,
+        default=None,
+        help="Seed of the validation and test sample order (default: --seed, megatron's "
+        "behaviour). Fixing it gives runs with different --seed the same held-out batches, so "
+        "their losses differ by the model only, not by which held-out sequences were drawn.",
+    )
+    group.add_argument(
         "--cpu-emulation",
         action="store_true",
         help=f"Run on a machine without GPUs through megatron-rectify's CPU emulation layer "
@@ -414,21 +422,24 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
 
     args = get_args()
     blend, blend_per_split = get_blend_and_blend_per_split(args)
-    config = GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
-        blend=blend,
-        blend_per_split=blend_per_split,
-        split=args.split,
-        num_dataset_builder_threads=args.num_dataset_builder_threads,
-        path_to_cache=args.data_cache_path,
-        mmap_bin_files=args.mmap_bin_files,
-        tokenizer=get_tokenizer(),
-        reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask,
-        eod_mask_loss=args.eod_mask_loss,
-        create_attention_mask=args.create_attention_mask_in_dataloader,
-    )
+
+    def config_with_seed(random_seed: int) -> GPTDatasetConfig:
+        return GPTDatasetConfig(
+            random_seed=random_seed,
+            sequence_length=args.seq_length,
+            blend=blend,
+            blend_per_split=blend_per_split,
+            split=args.split,
+            num_dataset_builder_threads=args.num_dataset_builder_threads,
+            path_to_cache=args.data_cache_path,
+            mmap_bin_files=args.mmap_bin_files,
+            tokenizer=get_tokenizer(),
+            reset_position_ids=args.reset_position_ids,
+            reset_attention_mask=args.reset_attention_mask,
+            eod_mask_loss=args.eod_mask_loss,
+            create_attention_mask=args.create_attention_mask_in_dataloader,
+        )
+
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
 
     def built_on_this_rank() -> bool:
@@ -437,10 +448,21 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
             and parallel_state.get_tensor_model_parallel_rank() == 0
         )
 
+    def build(random_seed: int) -> list:
+        return BlendedMegatronDatasetBuilder(
+            dataset_type,
+            train_val_test_num_samples,
+            built_on_this_rank,
+            config_with_seed(random_seed),
+        ).build()
+
     print_rank_0("> building train, validation, and test datasets for GPT ...")
-    datasets = BlendedMegatronDatasetBuilder(
-        dataset_type, train_val_test_num_samples, built_on_this_rank, config
-    ).build()
+    datasets = build(args.seed)
+    eval_seed = getattr(args, "eval_data_seed", None)
+    if eval_seed is not None and eval_seed != args.seed:
+        # megatron draws every split's sample order from one seed; held-out splits get their own
+        print_rank_0(f"> validation and test sample order from --eval-data-seed {eval_seed}")
+        datasets = [datasets[0], *build(eval_seed)[1:]]
     print_rank_0("> finished creating GPT datasets ...")
     return datasets
 
