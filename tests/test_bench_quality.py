@@ -107,6 +107,20 @@ def test_target_check_needs_a_gap_above_twice_the_larger_spread() -> None:
     assert check["gap"] == pytest.approx(0.04) and check["spread"] == pytest.approx(0.04)
     assert not check["holds"]
     assert report.target_check(report.group_runs(vanilla + far), "scratch")["holds"]
+    assert not check["control"]["available"]  # the gate-1 control was not run
+
+    # the same test against the gate-scaling control, which may fail where vanilla's holds
+    control = [
+        _record("Top-1 (gate 1)", "none", s, x, unit_gate=True)
+        for s, x in ((1, 2.55), (2, 2.53), (3, 2.51))
+    ]
+    check = report.target_check(report.group_runs(vanilla + far + control), "scratch")
+    assert check["holds"] and check["control"]["available"]
+    assert check["control"]["gap"] == pytest.approx(0.03)
+    assert check["control"]["paired"].mean == pytest.approx(-0.03)
+    assert not check["control"]["holds"]
+    text = "\n".join(report._target_lines(check))
+    assert "gate-scaling control" in text and "does not hold" in text
 
 
 def test_plan_deduplicates_shared_runs_and_marks_inference_runs() -> None:

@@ -316,4 +316,11 @@ def main(argv: list[str] | None = None) -> int:
             f"1.0: gap {check['gap']:.4f}, 2 x spread {2 * check['spread']:.4f} -> "
             f"{'target holds' if check['holds'] else 'target does not hold'}"
         )
+        control = check["control"]
+        if control["available"]:
+            print(
+                f"vs the gate-scaling control Top-1 (gate 1) {control['vanilla'].text()}: gap "
+                f"{control['gap']:.4f}, 2 x spread {2 * control['spread']:.4f} -> "
+                f"{'holds' if control['holds'] else 'does not hold'}"
+            )
     return 1 if failures else 0

@@ -133,10 +133,24 @@ def rate_stat(runs: list[dict[str, Any]], name: str, source: str = "train") -> S
 
 def target_check(groups: dict[GroupKey, list[dict[str, Any]]], recipe: str) -> dict[str, Any]:
     """The acceptance test: at capacity 1.0 Top-1+FR+IR's held-out loss is below vanilla
-    Top-1's by more than twice the seed spread (the larger of the two stds)."""
-    vanilla = groups.get(GroupKey(1, "none", 1.0, 0.01, recipe, False), [])
+    Top-1's by more than twice the seed spread (the larger of the two stds).
+
+    ``check["control"]`` applies the same test against the gate-scaling control
+    ``Top-1 (gate 1)`` when it was run: the part of the gain that is rectification, not the
+    rectified router's gate weight (``available`` False otherwise).
+    """
     rectified = groups.get(GroupKey(1, "ir+fr", 1.0, 0.01, recipe, False), [])
-    a, b = loss_stat(vanilla), loss_stat(rectified)
+    vanilla = groups.get(GroupKey(1, "none", 1.0, 0.01, recipe, False), [])
+    control = groups.get(GroupKey(1, "none", 1.0, 0.01, recipe, False, unit_gate=True), [])
+    check = _gap_check(vanilla, rectified)
+    if check["available"]:
+        check["control"] = _gap_check(control, rectified)
+    return check
+
+
+def _gap_check(reference: list[dict[str, Any]], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Is ``runs``' mean held-out loss below ``reference``'s by more than twice the spread?"""
+    a, b = loss_stat(reference), loss_stat(runs)
     if a is None or b is None:
         return {"available": False}
     gap = a.mean - b.mean
@@ -147,7 +161,7 @@ def target_check(groups: dict[GroupKey, list[dict[str, Any]]], recipe: str) -> d
         "rectified": b,
         "gap": gap,
         "spread": spread,
-        "paired": paired_delta(rectified, vanilla),
+        "paired": paired_delta(runs, reference),
         "holds": a.n > 1 and b.n > 1 and gap > 2 * spread,
     }
 
@@ -552,7 +566,8 @@ def _meta_lines(meta: dict[str, Any]) -> list[str]:
         f"- Model: {settings['num_layers']} layers, hidden {settings['hidden_size']}, "
         f"{settings['num_attention_heads']} heads, sequence {settings['seq_length']}, "
         f"{settings['num_experts']} experts, EP = {settings['expert_parallel']} on "
-        f"{settings['nproc']} {'GPUs (bf16)' if settings['gpus'] else 'CPU processes (gloo)'}",
+        f"{settings['nproc']} {'GPUs (bf16)' if settings['gpus'] else 'CPU processes (gloo)'}; "
+        f"block flags `{' '.join(settings.get('architecture_args') or ()) or 'megatron defaults'}`",
         f"- Training: {settings['train_iters']} iterations x {settings['global_batch_size']} "
         f"sequences, lr {settings['lr']:g} cosine to {settings['min_lr']:g}, recipe "
         f"{meta['recipe']}"
@@ -562,7 +577,12 @@ def _meta_lines(meta: dict[str, Any]) -> list[str]:
             else ""
         ),
         f"- Held-out set: {tokens:,} tokens per evaluation (validation + test splits, "
-        f"{settings['eval_iters']} batches each)",
+        f"{settings['eval_iters']} batches each"
+        + (
+            f"; the same batches for every seed: `--eval-data-seed {settings['eval_data_seed']}`)"
+            if settings.get("eval_data_seed") is not None
+            else ")"
+        ),
         f"- Data: {meta['data']}",
     ]
     if settings["extra_args"]:
@@ -576,13 +596,25 @@ def _target_lines(check: dict[str, Any]) -> list[str]:
     if not check["available"]:
         return ["Top-1 and Top-1+FR+IR at capacity 1.0 were not both run."]
     verdict = "**holds**" if check["holds"] else "**does not hold**"
-    return [
+    lines = [
         f"At capacity factor 1.0, Top-1+FR+IR's held-out loss "
         f"({check['rectified'].text()}) is below vanilla Top-1's ({check['vanilla'].text()}) by "
         f"{check['gap']:.4f}; twice the seed spread (the larger std) is "
         f"{2 * check['spread']:.4f}: the target {verdict}. Paired per seed: "
         f"{check['paired'].delta_text()}.",
     ]
+    control = check.get("control", {})
+    if control.get("available"):
+        verdict = "also holds" if control["holds"] else "does not hold"
+        lines += [
+            "",
+            f"The same test against the gate-scaling control Top-1 (gate 1) "
+            f"({control['vanilla'].text()}), i.e. counting only what rectification adds to the "
+            f"rectified router's gate weight: gap {control['gap']:.4f}, twice the spread "
+            f"{2 * control['spread']:.4f}: it {verdict}. Paired per seed: "
+            f"{control['paired'].delta_text()}.",
+        ]
+    return lines
 
 
 def _example_command(records: Sequence[dict[str, Any]]) -> list[str]:
@@ -605,7 +637,8 @@ def _definitions() -> list[str]:
         "- **held-out loss**: mean of megatron's final validation and test LM loss (documents "
         "never trained on; same number of sequences each); **PPL** = exp(mean held-out loss).",
         "- **spread**: sample standard deviation over seeds (n - 1), min–max in brackets. A seed "
-        "sets the initialisation and the data order; all variants of one seed share both.",
+        "sets the initialisation and the training data order; all variants of one seed share "
+        "both. The held-out batches are the same for every seed (`--eval-data-seed`).",
         "- **Δ (paired)**: loss minus the reference's loss for the same seed, mean ± std.",
         "- **dropped %**: top-k requests that lost their capacity slot; **padded %**: expert "
         "slots left empty (computed for nothing with padding to capacity); **filled-in %**: "

@@ -408,7 +408,9 @@ def forward_step(data_iterator, model):
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
-    """megatron's GPT datasets (``--data-path`` / ``--mock-data``) via its blended builder."""
+    """megatron's GPT datasets (``--data-path`` / ``--mock-data``) via its blended builder;
+    with ``--eval-data-seed`` the validation and test splits come from a second build under
+    that seed (an index over the same documents, so only their sample order changes)."""
     from megatron.core import parallel_state
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
