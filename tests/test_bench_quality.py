@@ -133,6 +133,14 @@ def test_plan_deduplicates_shared_runs_and_marks_inference_runs() -> None:
     assert "top-1-ir_cfdropless_lb_s1" not in by_slug  # nothing to rectify without capacity
     upcycle = plan.experiment_specs(["grid"], [1], variants=["Top-1"], recipe="upcycle")
     assert [spec.dense for spec in upcycle] == [True, False]
+    # one dense model for every seed: the seeds vary the fine-tuning, not the starting point
+    upcycle = plan.experiment_specs(["grid"], [1, 2, 3], variants=["Top-1"], recipe="upcycle")
+    assert [(spec.dense, spec.seed) for spec in upcycle] == [
+        (True, plan.UPCYCLE_DENSE_SEED),
+        (False, 1),
+        (False, 2),
+        (False, 3),
+    ]
 
 
 def test_cache_key_follows_every_setting_that_changes_a_result() -> None:

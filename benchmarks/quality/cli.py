@@ -28,7 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.quality.plan import EXPERIMENTS, RunSpec, Settings, experiment_specs
+from benchmarks.quality.plan import (
+    EXPERIMENTS,
+    RunSpec,
+    Settings,
+    dense_spec,
+    experiment_specs,
+)
 from benchmarks.quality.report import group_runs, target_check, write_report
 from benchmarks.quality.runner import (
     LAUNCHERS,
@@ -198,8 +204,7 @@ def run_all(
 def _dense_dir(spec: RunSpec, settings: Settings, out: Path) -> Path | None:
     if spec.recipe != "upcycle" or spec.dense:
         return None
-    dense = RunSpec(seed=spec.seed, recipe=spec.recipe, capacity=None, dense=True)
-    return run_dir(dense, settings, out)
+    return run_dir(dense_spec(spec.recipe), settings, out)
 
 
 def collect(specs: list[RunSpec], settings: Settings, out: Path) -> list[dict[str, Any]]:

@@ -26,6 +26,11 @@ EXPERIMENTS = ("grid", "capacity", "inference", "lb")
 #: (the capacity plot's inference-only line). Each mode costs two extra held-out passes.
 INFERENCE_MODES = ("ir", "fr", "ir+fr")
 INFERENCE_MODES_ELSEWHERE = ("ir+fr",)
+#: The upcycle recipe trains one dense model (with this seed) and fine-tunes every variant and
+#: seed from it, as the paper fine-tunes every variant from the same pretrained Llama-2: the
+#: seeds then vary the fine-tuning (router initialisation, data order), not the starting point,
+#: which would otherwise add the dense models' spread to every variant's.
+UPCYCLE_DENSE_SEED = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +152,11 @@ class Settings:
         return args + list(self.extra_args)
 
 
+def dense_spec(recipe: str = "upcycle") -> RunSpec:
+    """The dense model every upcycled run of ``recipe`` starts from."""
+    return RunSpec(seed=UPCYCLE_DENSE_SEED, recipe=recipe, capacity=None, dense=True)
+
+
 def experiment_specs(
     experiments: Iterable[str],
     seeds: Sequence[int],
@@ -177,7 +187,7 @@ def experiment_specs(
             if wanted is None or spec.variant.lower() in wanted
         ]
         if recipe == "upcycle" and runs:
-            runs.insert(0, RunSpec(seed=seed, recipe=recipe, capacity=None, dense=True))
+            runs.insert(0, dense_spec(recipe))
         for spec in runs:
             if spec not in specs:
                 specs.append(spec)
@@ -233,6 +243,8 @@ def run_key(spec: RunSpec, settings: Settings) -> str:
     }
     if spec.recipe == "scratch":  # the dense model's length matters to upcycled runs only
         payload["settings"].pop("dense_iters")
+    elif not spec.dense:  # ... and so does which dense model they start from
+        payload["dense_seed"] = UPCYCLE_DENSE_SEED
     text = json.dumps(payload, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 

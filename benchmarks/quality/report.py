@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.quality.logparse import AS_TRAINED
+from benchmarks.quality.plan import UPCYCLE_DENSE_SEED
 
 VANILLA_MODES = ("none", "ir", "fr", "ir+fr")
 MODE_NAMES = {"none": "vanilla", "ir": "+IR", "fr": "+FR", "ir+fr": "+FR+IR"}
@@ -572,7 +573,8 @@ def _meta_lines(meta: dict[str, Any]) -> list[str]:
         f"sequences, lr {settings['lr']:g} cosine to {settings['min_lr']:g}, recipe "
         f"{meta['recipe']}"
         + (
-            f" (dense model: {settings['dense_iters']} iterations)"
+            f" (one dense model, {settings['dense_iters']} iterations, seed "
+            f"{UPCYCLE_DENSE_SEED}, is the start of every upcycled run)"
             if meta["recipe"] == "upcycle"
             else ""
         ),
