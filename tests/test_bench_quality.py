@@ -188,6 +188,20 @@ def test_report_from_records_has_tables_and_plots(tmp_path: Path) -> None:
     assert (tmp_path / "quality_capacity.png").stat().st_size > 1000
 
 
+def _orphaned_python_helpers() -> set[int]:
+    """PIDs of multiprocessing helpers whose parent is gone (re-parented to init)."""
+    found = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == 1 and b"multiprocessing" in cmdline:
+            found.add(int(proc.name))
+    return found
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_quick_run_trains_parses_evaluates_rectified_and_caches(tmp_path: Path) -> None:
@@ -232,3 +246,31 @@ def test_quick_run_trains_parses_evaluates_rectified_and_caches(tmp_path: Path) 
     assert "cached" in second.stdout and "importing torch" not in second.stdout
     assert time.time() - started < 30
     assert json.loads(result.read_text())["finished"] == record["finished"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_quick_upcycle_run_starts_from_the_dense_model_and_leaves_no_processes(
+    tmp_path: Path,
+) -> None:
+    """The paper's recipe, tiny: a dense run saves a checkpoint, the upcycled run loads it.
+    Saving starts megatron's checkpoint-writer helper processes; the forked ranks end with
+    os._exit, so the launcher must remove them (they used to pile up, ~300 MB per process,
+    until a 63-run sweep ran out of memory)."""
+    orphans_before = _orphaned_python_helpers()
+    command = [
+        *(sys.executable, "-m", "benchmarks.quality", "--quick", "--recipe", "upcycle"),
+        *("--experiments", "grid", "--variants", "Top-1"),
+        *("--out", str(tmp_path / "runs"), "--report-dir", str(tmp_path / "report")),
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert _orphaned_python_helpers() <= orphans_before
+    (dense,) = (tmp_path / "runs").glob("dense_upcycle_s1_*")
+    assert (dense / "checkpoint" / "latest_checkpointed_iteration.txt").exists()
+    (upcycled,) = (tmp_path / "runs").glob("top-1_cf1_lb_upcycle_s1_*")
+    record = json.loads((upcycled / "result.json").read_text())
+    assert f"--load {dense}/checkpoint" in record["command"]
+    assert "--moe-use-upcycling" in record["command"]
+    assert 0 < record["heldout"]["as trained"]["loss"] < 10
+    assert (tmp_path / "report" / "quality_upcycle.md").exists()

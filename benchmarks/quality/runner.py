@@ -19,6 +19,7 @@ Launchers (``launcher``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -170,13 +171,31 @@ def launch_forked(world: int, args: list[str], log_path: Path, port: int, timeou
     prepare_fork_launcher()
     sys.stdout.flush()
     sys.stderr.flush()
-    pids = []
-    for rank in range(world):
-        pid = os.fork()
-        if pid == 0:
-            _forked_rank(rank, world, port, args, log_path)  # never returns
-        pids.append(pid)
-    return _wait_pids(pids, time.monotonic() + timeout_s)
+    pids: list[int] = []
+    try:
+        for rank in range(world):
+            pid = os.fork()
+            if pid == 0:
+                os.setpgid(0, 0)
+                _forked_rank(rank, world, port, args, log_path)  # never returns
+            with contextlib.suppress(OSError):  # the child may have done it already
+                os.setpgid(pid, pid)
+            pids.append(pid)
+        return _wait_pids(pids, time.monotonic() + timeout_s)
+    finally:
+        for pid in pids:
+            _kill_process_group(pid)
+
+
+def _kill_process_group(pgid: int) -> None:
+    """Kill what a forked rank left behind. A rank ends with ``os._exit`` (no teardown), so
+    helper processes it started (the multiprocessing worker and resource tracker behind
+    megatron's checkpoint saving, ~300 MB each) would outlive it, every saving run, until a
+    sweep runs out of memory: each rank leads its own process group so that the group can be
+    removed with it. Also stops the ranks themselves when the benchmark is interrupted (they
+    are outside the terminal's process group)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def _forked_rank(rank: int, world: int, port: int, args: list[str], log_path: Path) -> None:
