@@ -47,8 +47,8 @@ bench-layer: setup
 bench-quality: setup
 	$(PY) -m benchmarks.quality $(QUALITY_ARGS)
 
-## The paper's recipe: a dense model first, then its upcycled MoE variants (Top-1 grid at cf 1.0 and
-## inference-only rectification, 3 seeds, 18 runs, about 15 minutes on 2 CPU cores); writes
+## The paper's recipe: one dense model first, then its upcycled MoE variants (Top-1 grid at cf 1.0 and
+## inference-only rectification, 3 seeds, 16 runs, about 13 minutes on 2 CPU cores); writes
 ## docs/results/quality_upcycle.md + quality_upcycle_*.png.
 bench-quality-upcycle: setup
 	$(PY) -m benchmarks.quality --recipe upcycle --experiments grid,inference \
