@@ -7,6 +7,8 @@ masks). It is slow on purpose; use it on small inputs only.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from megatron.rectify.config import RectifyOptions
@@ -16,6 +18,14 @@ from megatron.rectify.routing import RectifiedRouting
 def _f32(value: torch.Tensor) -> float:
     """Rankings compare probabilities at float32 precision, like the vectorised key."""
     return float(value.detach().float())
+
+
+def _best_first(value: torch.Tensor) -> tuple[bool, float]:
+    """Sort key, ascending = best first: higher float32 score first, NaN after every number."""
+    score = _f32(value)
+    if math.isnan(score):
+        return (True, 0.0)
+    return (False, -score)
 
 
 def reference_rectified_routing(
@@ -40,7 +50,7 @@ def reference_rectified_routing(
             (rank, t) for t in range(num_tokens) for rank, e in enumerate(choices[t]) if e == expert
         ]
         if options.drop_policy == "probs":
-            requests.sort(key=lambda r: (r[0], -_f32(probs[r[1], expert]), r[1]))
+            requests.sort(key=lambda r: (r[0], _best_first(probs[r[1], expert]), r[1]))
         else:
             requests.sort(key=lambda r: (r[0], r[1]))
         kept.update((t, expert) for _, t in requests[:capacity])
@@ -62,7 +72,7 @@ def reference_rectified_routing(
                     if best != expert:
                         continue
                 candidates.append(t)
-            candidates.sort(key=lambda t: (-_f32(probs[t, expert]), t))
+            candidates.sort(key=lambda t: (_best_first(probs[t, expert]), t))
             filled.update((t, expert) for t in candidates[: max(vacancies, 0)])
 
     # (3) intra-GPU rectification.

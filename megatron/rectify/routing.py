@@ -41,8 +41,10 @@ import torch
 
 from megatron.rectify.config import RectifyOptions
 
-# Bits of the float32 pattern of a probability in [0, 1]: 1.0 is 0x3F800000 < 2**30.
-_PROB_BITS = 30
+# Width of ``ordered_score_key``: every float32 maps to a distinct-ordered 32-bit integer.
+_SCORE_BITS = 32
+_SIGN_BIT = 1 << 31
+_LOW_32 = (1 << 32) - 1
 
 
 @dataclass
@@ -135,6 +137,28 @@ def fill_in_candidates(
     return masked.sort(dim=1, descending=True, stable=True).indices[:, :depth]
 
 
+def ordered_score_key(scores: torch.Tensor) -> torch.Tensor:
+    """float scores -> int64 keys in [0, 2**32) that sort exactly like the float32 values.
+
+    Why not the raw bit pattern: read as an integer it only sorts like the value for
+    non-negative floats below 2.0 that fit the old 30-bit field, and score functions such as
+    ``sqrtsoftplus`` (or sigmoid scores plus a scaling) exceed that. The standard total-order
+    transform works for every finite value, either sign, subnormals and +-inf: flip every bit of
+    a negative number (larger magnitude -> smaller key), set the sign bit of a non-negative one
+    (so it lands above all negatives). ``-0.0`` is folded into ``+0.0`` first, since they are
+    equal scores.
+
+    NaN: a NaN score says nothing about preference, so it ranks BELOW every number, ``-inf``
+    included (key 0). A NaN request can then only take a slot that no real request wants and
+    can never push a real request out. This rule needs no host sync (an error would).
+    """
+    values = scores.detach().float() + 0.0  # -0.0 + 0.0 == +0.0
+    bits = values.view(torch.int32).to(torch.int64) & _LOW_32
+    negative = bits >= _SIGN_BIT
+    key = torch.where(negative, bits ^ _LOW_32, bits | _SIGN_BIT)
+    return torch.where(torch.isnan(values), torch.zeros_like(key), key)
+
+
 def slot_winners(
     probs: torch.Tensor,
     request_experts: torch.Tensor,
@@ -150,10 +174,11 @@ def slot_winners(
     One ranking per expert decides both truncation and fill-in: a request's key is
     (tier, score, -token) compared lexicographically, where the tier is the choice rank (first
     choices highest) and fill-in candidates sit one tier below the last top-k choice, so they
-    only take slots no top-k request wanted. Score is the probability for the expert (under the
-    ``position`` policy, top-k requests score 0 so that earlier tokens win). The key is packed
-    into one int64 and is unique per expert (the token index is part of it), so the result never
-    depends on how a sort breaks ties; equal probabilities go to the lower token index.
+    only take slots no top-k request wanted. Score is the probability for the expert, any finite
+    value of either sign (under the ``position`` policy, top-k requests score 0 so that earlier
+    tokens win; NaN scores rank last, see ``ordered_score_key``). The key is packed into one
+    int64 and is unique per expert (the token index is part of it), so the result never depends
+    on how a sort breaks ties; equal probabilities go to the lower token index.
 
     The work is on the T*R request list, not on a dense [T, E] matrix: with the default ``next``
     candidates that is T*(k+1) entries instead of T*E.
@@ -170,15 +195,18 @@ def slot_winners(
     tiers = torch.ones(num_requests, dtype=torch.int64, device=device)
     tiers[:topk] = torch.arange(topk + 1, 1, -1, device=device)
     tiers = tiers.expand(num_tokens, num_requests)
-    # Probabilities are in [0, 1], so their float32 bit patterns (< 2**30) read as integers sort
-    # like the values themselves.
-    prob_key = probs.detach().gather(1, request_experts).float().clamp_min(0.0)
-    prob_key = prob_key.view(torch.int32).to(torch.int64)
+    score_key = ordered_score_key(probs.gather(1, request_experts))
     if drop_policy == "position":
-        prob_key[:, :topk] = 0  # fill-in candidates are still ranked by probability
+        score_key[:, :topk] = 0  # fill-in candidates are still ranked by probability
     token_bits = max(1, math.ceil(math.log2(num_tokens)))
+    tier_bits = (topk + 1).bit_length()
+    if tier_bits + _SCORE_BITS + token_bits > 63:
+        raise ValueError(
+            f"{num_tokens} tokens with top-{topk} do not fit the 63-bit slot ranking key; "
+            "route fewer tokens per call (smaller micro-batch or sequence length)."
+        )
     later_token = torch.arange(num_tokens - 1, -1, -1, device=device).unsqueeze(1)
-    key = (tiers << (_PROB_BITS + token_bits)) | (prob_key << token_bits) | later_token
+    key = (tiers << (_SCORE_BITS + token_bits)) | (score_key << token_bits) | later_token
 
     # Best request first, then grouped by expert (stable, so each group stays best-first); a
     # request wins if it is among the first ``capacity`` of its expert's group.
