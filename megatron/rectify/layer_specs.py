@@ -2,7 +2,9 @@
 
 Owns: taking megatron's own local / Transformer-Engine layer and decoder-block specs and
 swapping their MoE module for the rectified one. Everything else in the spec (attention, norms,
-dense MLP layers, ``moe_layer_freq``) stays megatron's. Importable for ``--spec``:
+dense MLP layers, ``moe_layer_freq``) stays megatron's, except the local spec's expert
+``linear_fc2``, replaced by ``ExpertRowParallelLinear`` so that biases work at EP = 1 (see
+``megatron/rectify/mlp.py``). Importable for ``--spec``:
 ``--spec megatron.rectify.layer_specs get_gpt_layer_local_spec_rectify``.
 """
 
@@ -14,34 +16,68 @@ import functools
 from typing import Any
 
 from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.tensor_parallel.layers import RowParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron.rectify.mlp import ExpertRowParallelLinear
 from megatron.rectify.moe_layer import RectifyMoELayer
 from megatron.rectify.router import RectifyRouter
 
 
 def replace_moe_classes(mlp: Any, layer_class: type, router_class: type) -> Any:
     """An MoE builder (``partial(MoELayer, submodules=...)`` or a ``ModuleSpec``) with its layer
-    and router classes swapped, everything else (experts, shared experts, arguments) kept.
+    and router classes swapped and the local experts' ``linear_fc2`` fixed for biases
+    (``experts_with_bias_fix``), everything else (shared experts, arguments) kept.
 
     Anything that is not an MoE builder (a dense MLP spec) is returned unchanged, so a whole
     decoder-block spec can be passed through layer by layer.
     """
     if isinstance(mlp, functools.partial) and isinstance(mlp.func, type):
         if issubclass(mlp.func, MoELayer) and "submodules" in mlp.keywords:
-            submodules = dataclasses.replace(mlp.keywords["submodules"], router=router_class)
+            submodules = _moe_submodules(mlp.keywords["submodules"], router_class)
             keywords = {**mlp.keywords, "submodules": submodules}
             return functools.partial(layer_class, *mlp.args, **keywords)
     if isinstance(mlp, ModuleSpec) and isinstance(mlp.module, type):
         if issubclass(mlp.module, MoELayer):
             spec = copy.copy(mlp)
             spec.module = layer_class
-            spec.submodules = dataclasses.replace(mlp.submodules, router=router_class)
+            spec.submodules = _moe_submodules(mlp.submodules, router_class)
             return spec
     return mlp
+
+
+def _moe_submodules(submodules: Any, router_class: type) -> Any:
+    return dataclasses.replace(
+        submodules, router=router_class, experts=experts_with_bias_fix(submodules.experts)
+    )
+
+
+def experts_with_bias_fix(experts: Any) -> Any:
+    """An experts builder whose ``linear_fc2``, if megatron's local ``RowParallelLinear``, is
+    ``ExpertRowParallelLinear``: megatron-core 0.19.2's ``MLP.forward`` adds an expert's bias
+    in place to that layer's output, which at expert-TP = EP = 1 is an autograd view and crashes
+    (megatron/rectify/mlp.py). Other builders (Transformer Engine experts) are returned as they
+    are."""
+    if isinstance(experts, functools.partial):
+        submodules = experts.keywords.get("submodules")
+    elif isinstance(experts, ModuleSpec):
+        submodules = experts.submodules
+    else:
+        return experts
+    if not isinstance(submodules, MLPSubmodules) or submodules.linear_fc2 is not RowParallelLinear:
+        return experts
+    submodules = dataclasses.replace(submodules, linear_fc2=ExpertRowParallelLinear)
+    if isinstance(experts, functools.partial):
+        return functools.partial(
+            experts.func, *experts.args, **{**experts.keywords, "submodules": submodules}
+        )
+    spec = copy.copy(experts)
+    spec.submodules = submodules
+    return spec
 
 
 def rectify_mlp_builder(mlp: Any) -> Any:
