@@ -324,3 +324,31 @@ def pad_vs_no_pad(rank: int, world_size: int, case: dict) -> dict:
         "output": float((out_pad - out_nopad).abs().max()),
         "x_grad": float((grad_pad - grad_nopad).abs().max()),
     }
+
+
+def dispatched_column_counts(rank: int, world_size: int, case: dict) -> dict:
+    """Rank body: tokens per expert column of the map megatron's dispatcher receives, the
+    capacity, and whether any of them are zero-weight padding (the padded-dispatch contract)."""
+    from megatron.core.transformer.moe.moe_utils import get_capacity
+
+    layer = build_layer(make_config(case, world_size))
+    load_global_weights(layer, global_weights(case["experts"]))
+    seen = []
+    original = layer.token_dispatcher.dispatch_preprocess
+
+    def recording(hidden_states, routing_map, probs):
+        seen.append(routing_map.sum(dim=0).tolist())
+        return original(hidden_states, routing_map, probs)
+
+    layer.token_dispatcher.dispatch_preprocess = recording
+    x_all, upstream_all = rank_tokens(world_size)
+    run_layer(layer, x_all[rank], upstream_all[rank])
+    decision = layer.router.last_routing
+    capacity = get_capacity(
+        TOKENS_PER_RANK * case["topk"], case["experts"], case.get("capacity_factor", 0.75)
+    )
+    return {
+        "columns": seen[0],
+        "capacity": capacity,
+        "padding_pairs": int(decision.padding_map.sum()) if decision is not None else 0,
+    }

@@ -28,6 +28,10 @@ from megatron.rectify.routing import RoutingStatistics
 from megatron.rectify.token_dispatcher import MoERectifyAlltoAllTokenDispatcher
 
 #: Names under which the statistics appear in megatron's MoE metrics (log and TensorBoard).
+#: Recorded on every training call for which ``RectifyRouter.statistics()`` has counts: rectified
+#: calls and megatron's own top-k-with-capacity calls alike (so ``--moe-rectify none`` logs
+#: megatron's real drop rate, a vanilla baseline). Register them only where
+#: ``router.routing_statistics_available`` holds: megatron reports an unrecorded name as 0.00.
 STATISTIC_NAMES = (
     "rectify_dropped_pct",
     "rectify_padded_pct",
@@ -106,8 +110,10 @@ class RectifyMoELayer(MoELayer):
                 self.token_dispatcher.set_intra_gpu_assignment(
                     decision.ir_expert, decision.ir_probs
                 )
-        if decision is not None and self.training and torch.is_grad_enabled():
-            self._record_statistics(self.router.statistics())
+        if self.training and torch.is_grad_enabled():
+            stats = self.router.statistics()  # rectified, or megatron's own decision counted
+            if stats is not None:
+                self._record_statistics(stats)
         return probs, routing_map
 
     def statistics_summary(self) -> dict[str, float]:

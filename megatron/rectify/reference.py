@@ -36,6 +36,7 @@ def reference_rectified_routing(
     local_experts: range,
     selection_scores: torch.Tensor | None = None,
     scaling_factor: float | None = None,
+    pad_to_capacity: bool = False,
 ) -> RectifiedRouting:
     """Same contract as ``routing.rectified_routing``; see the spec for every rule used here."""
     num_tokens, num_experts = probs.shape
@@ -129,14 +130,26 @@ def reference_rectified_routing(
             result[t, e] = True
         return result
 
+    # (5) padding to capacity: each expert's buffer is topped up to exactly ``capacity`` rows
+    # with the lowest-index tokens it does not already hold; weight 0, nothing else sees them.
+    padding: set[tuple[int, int]] = set()
+    if pad_to_capacity:
+        if capacity > num_tokens:
+            raise ValueError(f"cannot pad to capacity {capacity} with {num_tokens} tokens")
+        for expert in range(num_experts):
+            held = {t for (t, e) in kept | filled if e == expert}
+            free = [t for t in range(num_tokens) if t not in held]
+            padding.update((t, expert) for t in free[: capacity - len(held)])
+
     chosen = {(t, e) for t in range(num_tokens) for e in choices[t]}
     return RectifiedRouting(
         probs=weights,
-        routing_map=to_map(kept | filled),
+        routing_map=to_map(kept | filled | padding),
         ir_expert=torch.tensor(ir_expert, dtype=torch.int64),
         ir_probs=ir_probs,
         kept_map=to_map(kept),
         fill_in_map=to_map(filled),
         dropped_map=to_map(chosen - kept),
+        padding_map=to_map(padding),
         capacity=capacity,
     )

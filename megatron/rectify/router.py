@@ -14,12 +14,23 @@ Workflow of a rectified call:
     (2) z-loss, then megatron's top-k selection (score function, pre-softmax, group-limited
         routing, expert bias) gives ``topk_indices`` [T, k] in choice order.
     (3) ``p``: the full score distribution over all experts (softmax, or sigmoid/sqrt-softplus).
-    (4) ``rectified_routing``: capacity truncation, FR, IR, gate weights.
+    (4) ``rectified_routing``: capacity truncation, FR, IR, gate weights, and with
+        ``--moe-pad-expert-input-to-capacity`` zero-weight padding so every column of the
+        returned ``routing_map`` holds exactly ``C`` tokens (megatron's padded dispatcher
+        contract; see ``RectifiedRouting``).
     (5) aux losses (load balancing, seq/global, as configured) attached to ``probs``;
-        expert-bias token counts updated from the dispatched ``routing_map``.
+        expert-bias token counts updated from the routed pairs only (``routed_map``: padding
+        pairs are no tokens an expert serves).
+
+Statistics (``statistics()``) exist for megatron's path too, so that a run that trains
+unrectified (``--moe-rectify none``, e.g. with inference-only ``--moe-rectify-eval``) logs
+megatron's true drop / padding rates instead of zeros.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from megatron.core import utils as mcore_utils
@@ -34,13 +45,52 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron.rectify.config import RectifyOptions, rectify_options_from_config
+from megatron.rectify.config import (
+    RectifyConfigError,
+    RectifyOptions,
+    rectify_options_from_config,
+)
 from megatron.rectify.routing import (
     RectifiedRouting,
     RoutingStatistics,
     rectified_routing,
     routing_statistics,
 )
+
+#: megatron's routing types that are not top-k-with-capacity (no drop rate to report).
+_NOT_TOPK_ROUTING = ("sinkhorn", "quantile_balancing")
+
+
+def routing_statistics_available(config: Any) -> bool:
+    """Whether every training call of a ``RectifyRouter`` built from ``config`` (a
+    ``TransformerConfig`` or megatron's parsed args) yields :meth:`RectifyRouter.statistics`.
+
+    The training entry point registers the ``rectify_*`` names with megatron's MoE metrics only
+    when this holds: megatron reports a registered name that nobody recorded as 0.00, which
+    would read as "no token dropped". Rectified calls always have statistics; megatron's own
+    top-k path has them when capacity is limited (dropless routing has no drop rate), when its
+    routing is top-k (not sinkhorn / quantile balancing) and when no replayed routing bypasses
+    the top-k that the statistics recompute.
+    """
+    num_experts = getattr(config, "num_moe_experts", None) or getattr(config, "num_experts", None)
+    if not num_experts or getattr(config, "moe_expert_capacity_factor", None) is None:
+        return False
+    routing_type = getattr(config, "moe_router_load_balancing_type", "aux_loss")
+    if isinstance(routing_type, list) and len(routing_type) == 1:
+        routing_type = routing_type[0]
+    if isinstance(routing_type, str) and routing_type in _NOT_TOPK_ROUTING:
+        return False
+    return not getattr(config, "moe_enable_routing_replay", False)
+
+
+@dataclass
+class _MegatronCall:
+    """What megatron's own routing returned, kept so ``statistics()`` can count it later."""
+
+    logits: torch.Tensor  # [T, E], detached
+    probs: torch.Tensor  # [T, E], detached
+    routing_map: torch.Tensor  # [T, E]: kept top-k requests (+ megatron's zero-weight padding)
+    grad_enabled: bool  # megatron's top-k sorts only with grad on; recompute in the same mode
 
 
 def full_score_distribution(logits: torch.Tensor, score_function: str) -> torch.Tensor:
@@ -93,6 +143,7 @@ class RectifyRouter(TopKRouter):
         self.local_experts = range(ep_rank * num_local, (ep_rank + 1) * num_local)
         self.rectify_options: RectifyOptions = rectify_options_from_config(config)
         self.last_routing: RectifiedRouting | None = None
+        self._last_megatron_call: _MegatronCall | None = None
 
     def set_rectify_options(self, options: RectifyOptions) -> None:
         """Switch rectification for later calls (e.g. inference-only rectification)."""
@@ -111,9 +162,19 @@ class RectifyRouter(TopKRouter):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(probs, routing_map)`` for the dispatcher; rectified when options say so."""
         options = self.rectify_options
+        self._last_megatron_call = None
+        self._refuse_capacity_beyond_the_tokens(logits.numel() // self.num_experts)
         if not options.enabled or self.config.moe_expert_capacity_factor is None:
             self.last_routing = None
-            return super().routing(logits, padding_mask=padding_mask)
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+            if routing_statistics_available(self.config):
+                self._last_megatron_call = _MegatronCall(
+                    logits.detach().view(-1, self.num_experts),
+                    probs.detach(),
+                    routing_map,
+                    torch.is_grad_enabled(),
+                )
+            return probs, routing_map
 
         seq_length, bsz = logits.shape[:2]
         logits = logits.view(-1, self.num_experts)
@@ -142,20 +203,95 @@ class RectifyRouter(TopKRouter):
             selection_scores=selection_scores,
             scaling_factor=self.config.moe_router_topk_scaling_factor,
             candidate_indices=candidate_indices,
+            pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
         )
         decision.probs = decision.probs.type_as(logits)
         decision.ir_probs = decision.ir_probs.type_as(logits)
         probs = self._attach_aux_losses(decision.probs, logits, padding_mask, seq_length, bsz)
         decision.probs = probs
-        self._apply_expert_bias(decision.routing_map, padding_mask=padding_mask)
+        # Only real (token, expert) pairs steer the expert bias; padding pairs are empty slots.
+        self._apply_expert_bias(decision.routed_map, padding_mask=padding_mask)
         self.last_routing = decision
         return probs, decision.routing_map
 
     def statistics(self) -> RoutingStatistics | None:
-        """Counts of the last rectified call (``None`` if it was not rectified)."""
-        if self.last_routing is None:
+        """Counts of the last call: rectified, or megatron's own top-k with capacity.
+
+        ``None`` when there is nothing truthful to count (see ``routing_statistics_available``).
+        For megatron's path, call it right after the router call (``RectifyMoELayer.route``
+        does): it recomputes megatron's top-k from the kept logits with the current expert bias.
+        """
+        if self.last_routing is not None:
+            return routing_statistics(self.last_routing, self.topk)
+        if self._last_megatron_call is None:
             return None
-        return routing_statistics(self.last_routing, self.topk)
+        return routing_statistics(self._megatron_decision(self._last_megatron_call), self.topk)
+
+    def _megatron_decision(self, call: _MegatronCall) -> RectifiedRouting:
+        """megatron's routing as a ``RectifiedRouting`` (no FR, no IR), for the statistics.
+
+        megatron returns only its final map: with ``--moe-pad-expert-input-to-capacity`` that
+        map also holds its zero-weight padding pairs, which must not count as routed. Its own
+        top-k selection (same function, same arguments, same grad mode, so the same experts)
+        separates them exactly: kept = final & top-k, padding = final & ~top-k, dropped =
+        top-k & ~final. No host sync.
+        """
+        num_tokens, num_experts = call.logits.shape
+        with torch.set_grad_enabled(call.grad_enabled):
+            _, topk_map = topk_routing_with_score_function(
+                call.logits,
+                self.topk,
+                use_pre_softmax=self.config.moe_router_pre_softmax,
+                num_groups=self.config.moe_router_num_groups,
+                group_topk=self.config.moe_router_group_topk,
+                scaling_factor=self.config.moe_router_topk_scaling_factor,
+                score_function=self.score_function,
+                expert_bias=self.expert_bias,
+                fused=self.config.moe_router_fusion,
+            )
+        routing_map = call.routing_map
+        return RectifiedRouting(
+            probs=call.probs,
+            routing_map=routing_map,
+            ir_expert=torch.full((num_tokens,), -1, dtype=torch.int64, device=topk_map.device),
+            ir_probs=torch.zeros(num_tokens, dtype=call.probs.dtype, device=topk_map.device),
+            kept_map=routing_map & topk_map,
+            fill_in_map=torch.zeros_like(routing_map),
+            dropped_map=topk_map & ~routing_map,
+            padding_map=routing_map & ~topk_map,
+            capacity=get_capacity(
+                num_tokens=num_tokens * self.topk,
+                num_experts=num_experts,
+                capacity_factor=self.config.moe_expert_capacity_factor,
+            ),
+        )
+
+    def _refuse_capacity_beyond_the_tokens(self, num_tokens: int) -> None:
+        """Padding to capacity ``C`` needs ``C`` distinct tokens per expert buffer.
+
+        With ``C > T`` (``k * f > E``, or ``k * f == E`` and a float round-up in megatron's
+        ``get_capacity``) megatron's padded alltoall dispatcher fails with a shape error, and
+        an exactly-``C`` rectified map cannot exist. Host integers only: no sync.
+        """
+        config = self.config
+        if not config.moe_pad_expert_input_to_capacity or config.moe_expert_capacity_factor is None:
+            return
+        if not self.rectify_options.enabled and config.moe_token_dispatcher_type != "alltoall":
+            return
+        capacity = get_capacity(
+            num_tokens=num_tokens * self.topk,
+            num_experts=self.num_experts,
+            capacity_factor=config.moe_expert_capacity_factor,
+        )
+        if capacity > num_tokens:
+            raise RectifyConfigError(
+                f"--moe-pad-expert-input-to-capacity with --moe-expert-capacity-factor "
+                f"{config.moe_expert_capacity_factor}, top-{self.topk} and {self.num_experts} "
+                f"experts gives {capacity} slots per expert but this rank routes only "
+                f"{num_tokens} tokens: a padded expert buffer cannot be filled. Use a capacity "
+                f"factor below {self.num_experts / self.topk:g} or drop "
+                "--moe-pad-expert-input-to-capacity."
+            )
 
     def _select_experts(
         self, logits: torch.Tensor, selection_scores: torch.Tensor

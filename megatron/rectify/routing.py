@@ -17,16 +17,22 @@ The steps, in the order a token travels (``rectified_routing`` runs them all):
     the expert, among this rank's local experts, with the highest *global* probability.
 (3) ``rectified_gate_weights``: ``w_j = p_j / sg(S)`` over the token's surviving choices (fill-in
     included) plus ``m * p_h`` for its IR expert, ``S`` being the sum of those terms.
+(4) ``capacity_padding`` (only with ``--moe-pad-expert-input-to-capacity``): zero-weight padding
+    pairs so that every expert column of the dispatched map holds exactly ``capacity`` tokens,
+    the contract megatron's padded alltoall dispatcher relies on.
 
 Naming (megatron's words, plus ours):
     logits        router output before the score function, [num_tokens, num_experts].
     probs         full score distribution ``p`` over all experts (softmax, or sigmoid scores),
                   [num_tokens, num_experts]; differentiable.
     topk_indices  the experts each token chose, in choice order, [num_tokens, topk].
-    routing_map   (token, expert) pairs that travel through the expert-parallel all-to-all:
-                  kept top-k requests plus fill-ins, [num_tokens, num_experts] bool.
+    routing_map   (token, expert) pairs that travel through the expert-parallel all-to-all
+                  (the dispatch map): routed pairs plus, when padding to capacity, padding
+                  pairs, [num_tokens, num_experts] bool.
+    routed_map    pairs an expert really computes for the token: kept top-k + fill-in.
     kept_map      top-k requests that won a capacity slot.
     fill_in_map   vacant slots given to fill-in candidates by FR.
+    padding_map   zero-weight pairs that only fill a padded expert buffer up to ``capacity``.
     dropped_map   top-k requests that lost (capacity full).
     ir_expert     IR destination per token (global expert index) or -1, [num_tokens].
     ir_multiplicity  ``m``: the number of top-k choices the token lost, [num_tokens].
@@ -51,14 +57,29 @@ _LOW_32 = (1 << 32) - 1
 class RectifiedRouting:
     """One router call's full decision. All tensors are on the probs' device.
 
+    The dispatch contract (why ``routing_map`` and ``routed_map`` differ): megatron's alltoall
+    dispatcher with ``--moe-pad-expert-input-to-capacity`` sizes every (rank, expert) buffer as
+    exactly ``C`` rows and assumes every ``routing_map`` column holds exactly ``C`` entries. Its
+    unfused permute happens to tolerate fewer (it takes the first ``C`` rows of a sorted
+    column), but TE's fused permute (``--moe-permute-fusion``) packs the entries of all columns
+    back to back, so a short column shifts every later expert's tokens into the wrong expert's
+    buffer. Rectification leaves columns short (a vacancy FR cannot fill), so when padding is on
+    ``routing_map`` = ``routed_map`` | ``padding_map`` holds exactly ``C`` per column, and at
+    most ``C`` otherwise (``padding_map`` empty). Padding pairs carry gate weight exactly 0 and
+    no gradient; they are dispatch-only: statistics, expert-bias token counts and the IR
+    triggers see ``routed_map`` / ``kept_map`` only.
+
     Attributes:
-        probs: gate weights of the pairs in ``routing_map`` (zero elsewhere), [T, E].
-        routing_map: pairs sent through the all-to-all (kept top-k + fill-in), [T, E] bool.
+        probs: gate weights of the pairs in ``routing_map`` (zero elsewhere, and zero on
+            padding pairs), [T, E].
+        routing_map: pairs sent through the all-to-all (routed + padding), [T, E] bool.
         ir_expert: IR destination (global expert index) or -1, [T] long.
         ir_probs: gate weight of the IR destination (zero where ``ir_expert`` is -1), [T].
         kept_map: top-k requests that won a slot, [T, E] bool.
         fill_in_map: slots filled by FR, [T, E] bool.
         dropped_map: top-k requests that lost their slot, [T, E] bool.
+        padding_map: zero-weight pairs that pad each column to ``C`` (empty without padding to
+            capacity), [T, E] bool; disjoint from ``routed_map``.
         capacity: slots per expert for this rank's tokens (``C``).
     """
 
@@ -69,7 +90,13 @@ class RectifiedRouting:
     kept_map: torch.Tensor
     fill_in_map: torch.Tensor
     dropped_map: torch.Tensor
+    padding_map: torch.Tensor
     capacity: int
+
+    @property
+    def routed_map(self) -> torch.Tensor:
+        """Pairs an expert computes for the token (kept top-k + fill-in), padding excluded."""
+        return self.kept_map | self.fill_in_map
 
 
 @dataclass
@@ -149,8 +176,9 @@ def ordered_score_key(scores: torch.Tensor) -> torch.Tensor:
     equal scores.
 
     NaN: a NaN score says nothing about preference, so it ranks BELOW every number, ``-inf``
-    included (key 0). A NaN request can then only take a slot that no real request wants and
-    can never push a real request out. This rule needs no host sync (an error would).
+    included (key 0). Within its choice tier a NaN request can then only take a slot that no
+    numeric request wants, and it never pushes one out. This rule needs no host sync (an error
+    would).
     """
     values = scores.detach().float() + 0.0  # -0.0 + 0.0 == +0.0
     bits = values.view(torch.int32).to(torch.int64) & _LOW_32
@@ -339,6 +367,32 @@ def rectified_gate_weights(
     return dense, ir_weights
 
 
+def capacity_padding(routed_map: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Padding pairs that top every column of ``routed_map`` [T, E] up to exactly ``capacity``.
+
+    Column ``e`` with ``n_e <= capacity`` routed tokens gets the ``capacity - n_e`` LOWEST token
+    indices not already in it. Why this rule: a padding pair has gate weight 0, so which token
+    fills it never changes any output or gradient; what matters is that the choice is
+    deterministic, sync-free (one cumsum), and that it takes exactly the tokens megatron's
+    unfused drop-and-pad permute already took for a short column (a stable descending argsort
+    of the column: routed tokens in token order, then the first unrouted ones). So on the
+    unfused path every expert buffer holds the same tokens as before (now in token order), and
+    the fused path now holds them too.
+
+    Raises ``ValueError`` when ``capacity`` exceeds the number of tokens: a column cannot hold
+    ``capacity`` distinct tokens then (megatron's own padded dispatcher fails on that too).
+    """
+    num_tokens = routed_map.shape[0]
+    if capacity > num_tokens:
+        raise ValueError(
+            f"cannot pad expert buffers to capacity {capacity} with only {num_tokens} tokens"
+        )
+    free = ~routed_map
+    vacancies = (capacity - routed_map.sum(dim=0)).clamp_min(0)  # [E]
+    free_rank = free.cumsum(dim=0)  # 1-based rank of each free token within its column
+    return free & (free_rank <= vacancies.unsqueeze(0))
+
+
 def rectified_routing(
     probs: torch.Tensor,
     topk_indices: torch.Tensor,
@@ -348,6 +402,7 @@ def rectified_routing(
     selection_scores: torch.Tensor | None = None,
     scaling_factor: float | None = None,
     candidate_indices: torch.Tensor | None = None,
+    pad_to_capacity: bool = False,
 ) -> RectifiedRouting:
     """Run capacity truncation, FR, IR and the gate weights for one rank's tokens.
 
@@ -362,6 +417,10 @@ def rectified_routing(
         scaling_factor: megatron's ``moe_router_topk_scaling_factor``.
         candidate_indices: [T, depth] fill-in candidates when the caller already has them (the
             router gets the (k+1)-th choice from the same ``topk`` call as the top-k).
+        pad_to_capacity: megatron's ``moe_pad_expert_input_to_capacity``: add zero-weight
+            padding pairs so every ``routing_map`` column holds exactly ``capacity`` (see
+            :class:`RectifiedRouting`). Padding is decided last, so nothing before it (slots,
+            IR, weights) can see it.
     """
     num_tokens, num_experts = probs.shape
     topk = topk_indices.shape[1]
@@ -397,25 +456,40 @@ def rectified_routing(
     )
     kept_map = requests_to_map(topk_indices, kept_won, num_experts)
     fill_in_map = requests_to_map(request_experts[:, topk:], fill_in_won, num_experts)
+    routed_map = kept_map | fill_in_map
+    if pad_to_capacity:
+        padding_map = capacity_padding(routed_map, capacity)
+    else:
+        padding_map = torch.zeros_like(routed_map)
+    # ``weights`` is a scatter into zeros over the request list: padding pairs (never requests
+    # that won) keep weight exactly 0 and pass no gradient to ``probs``.
     return RectifiedRouting(
         probs=weights,
-        routing_map=kept_map | fill_in_map,
+        routing_map=routed_map | padding_map,
         ir_expert=ir_expert,
         ir_probs=ir_weights,
         kept_map=kept_map,
         fill_in_map=fill_in_map,
         dropped_map=requests_to_map(topk_indices, ~kept_won, num_experts),
+        padding_map=padding_map,
         capacity=capacity,
     )
 
 
 def routing_statistics(routing: RectifiedRouting, topk: int) -> RoutingStatistics:
-    """Count dropped / padded / filled-in / rectified / lost for one call (no host sync)."""
-    num_tokens, num_experts = routing.routing_map.shape
-    occupied = routing.routing_map.sum()
+    """Count dropped / padded / filled-in / rectified / lost for one call (no host sync).
+
+    Everything counts ``routed_map`` (kept + fill-in), never the dispatch ``routing_map``:
+    padding pairs are empty slots, so they count as ``padded``, not as occupied or as load.
+    """
+    routed_map = routing.routed_map
+    num_tokens, num_experts = routed_map.shape
+    occupied = routed_map.sum()
     slots = num_experts * routing.capacity
     rectified = routing.ir_expert >= 0
-    ir_load = torch.bincount(routing.ir_expert[rectified], minlength=num_experts)
+    # scatter_add, not bincount of a masked selection: boolean indexing would sync the host.
+    ir_load = torch.zeros(num_experts, dtype=torch.int64, device=rectified.device)
+    ir_load = ir_load.scatter_add(0, routing.ir_expert.clamp_min(0), rectified.to(torch.int64))
     return RoutingStatistics(
         num_tokens=num_tokens,
         num_requests=num_tokens * topk,
@@ -425,6 +499,6 @@ def routing_statistics(routing: RectifiedRouting, topk: int) -> RoutingStatistic
         rectified=rectified.sum(),
         occupied=occupied,
         padded=(slots - occupied).clamp_min(0),
-        lost=(~routing.routing_map.any(dim=1) & ~rectified).sum(),
-        expert_load=routing.routing_map.sum(dim=0) + ir_load,
+        lost=(~routed_map.any(dim=1) & ~rectified).sum(),
+        expert_load=routed_map.sum(dim=0) + ir_load,
     )

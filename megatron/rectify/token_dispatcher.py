@@ -7,7 +7,9 @@ for the intra-GPU-rectified (IR) tokens that never enters it.
 Workflow (megatron's steps unchanged, ours marked *):
     (1)  dispatch preprocess: metadata + permute the all-to-all tokens (``routing_map`` = kept
          top-k + fill-in; with ``--moe-pad-expert-input-to-capacity`` fill-ins occupy slots
-         that would be padding, so buffer shapes stay static).
+         that would be padding, so buffer shapes stay static, and the router tops every column
+         up to exactly ``C`` with zero-weight padding pairs: megatron's padded path, TE's fused
+         permute in particular, packs ``C`` rows per expert and relies on that count).
     (1*) split off the IR tokens: rows of this rank's input whose IR destination is a local
          expert, grouped by local expert, with their IR gate weights.
     (2)  token dispatch: A2A(EP) - IR tokens are not part of it: zero extra inter-rank bytes.
