@@ -336,9 +336,9 @@ def dispatched_column_counts(rank: int, world_size: int, case: dict) -> dict:
     seen = []
     original = layer.token_dispatcher.dispatch_preprocess
 
-    def recording(hidden_states, routing_map, probs):
+    def recording(hidden_states, routing_map, probs, **decision):
         seen.append(routing_map.sum(dim=0).tolist())
-        return original(hidden_states, routing_map, probs)
+        return original(hidden_states, routing_map, probs, **decision)
 
     layer.token_dispatcher.dispatch_preprocess = recording
     x_all, upstream_all = rank_tokens(world_size)

@@ -310,9 +310,9 @@ def test_layer_dispatches_exactly_c_per_column(mode: str, topk: int) -> None:
     seen = []
     original = layer.token_dispatcher.dispatch_preprocess
 
-    def recording(hidden_states, routing_map, probs):
+    def recording(hidden_states, routing_map, probs, **decision):
         seen.append(routing_map.clone())
-        return original(hidden_states, routing_map, probs)
+        return original(hidden_states, routing_map, probs, **decision)
 
     layer.token_dispatcher.dispatch_preprocess = recording
     x, upstream = cases.rank_tokens(1)

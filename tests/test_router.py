@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
+import textwrap
 
 import pytest
 import torch
@@ -238,3 +241,41 @@ def test_inference_only_rectification_switch() -> None:
     assert router.last_routing is not None
     assert router.statistics().as_percentages()["lost_pct"] == 0.0
     assert (routing_map.sum(dim=0) <= router.last_routing.capacity).all()
+
+
+def _statements(function) -> list[str]:
+    """A function's statements (docstring dropped), normalised by ``ast.unparse``."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0].body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return [ast.unparse(statement) for statement in body]
+
+
+def test_router_logits_reproduces_megatrons_forward() -> None:
+    """``RectifyRouter.router_logits`` is ``TopKRouter.forward`` up to its ``routing`` call.
+
+    When this fails, megatron's router ``forward`` changed: re-read it and update
+    ``router_logits`` (the rectified router returns its decision as a value, so it cannot
+    inherit that ``forward``).
+    """
+    megatron = _statements(TopKRouter.forward)
+    ours = _statements(RectifyRouter.router_logits)
+    assert megatron[-2:] == [
+        "probs, routing_map = self.routing(logits, padding_mask=padding_mask)",
+        "return (probs, routing_map)",
+    ]
+    assert ours[-1] == "return logits"
+    assert megatron[:-2] == ours[:-1]
+
+
+def test_forward_returns_the_decision_as_a_value() -> None:
+    """``with_decision=True`` hands the whole call over; plain calls keep megatron's pair."""
+    router = RectifyRouter(make_config(moe_rectify="ir", moe_expert_capacity_factor=0.5))
+    x = torch.randn(16, 1, BASE["hidden_size"])
+    output = router(x, with_decision=True)
+    assert output.decision is not None and (output.decision.ir_expert >= 0).any()
+    assert output.routing_map is output.decision.routing_map
+    assert router.last_routing is output.decision  # the observation point
+    probs, routing_map = router(x)
+    assert torch.equal(routing_map, output.routing_map)
+    torch.testing.assert_close(probs, output.probs)

@@ -145,6 +145,20 @@ def test_ir_triggers_for_top_2(trigger: str, expected: list[int]) -> None:
     assert multiplicity.tolist() == [0 if e < 0 else m for e, m in zip(expected, lost, strict=True)]
 
 
+def test_an_unknown_ir_trigger_is_refused_by_the_math_and_the_reference() -> None:
+    from megatron.rectify.reference import reference_rectified_routing
+
+    probs = torch.tensor([[0.5, 0.3, 0.2]] * 3)
+    kept = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="unknown IR trigger"):
+        intra_gpu_rectification(probs, kept, kept.bool(), 1, range(3), "most")
+    options = RectifyOptions(intra_gpu=True)
+    object.__setattr__(options, "ir_trigger", "most")  # past the options' own validation
+    topk_indices = torch.zeros(3, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="unknown IR trigger"):
+        reference_rectified_routing(probs, topk_indices, 1, options, range(3))
+
+
 def test_ir_trigger_all_is_not_fired_by_a_token_that_won_a_fill_in_slot() -> None:
     kept = torch.tensor([[0, 0, 0]], dtype=torch.bool)
     fill = torch.tensor([[0, 0, 1]], dtype=torch.bool)

@@ -53,11 +53,16 @@ def build_routers(case: RouterCase, bf16: bool = False) -> dict[str, torch.nn.Mo
     return {"vanilla": vanilla.to(device()), "rectified": rectified.to(device())}
 
 
-def _forward_backward(router: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> None:
+def _forward_backward(
+    router: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor, rectified: bool
+) -> None:
     x = x.detach().requires_grad_()
-    probs, _ = router(x)
+    if rectified:  # the rectified router returns its decision (IR weights) as a value
+        output = router(x, with_decision=True)
+        probs, decision = output.probs, output.decision
+    else:
+        (probs, _), decision = router(x), None
     loss = (probs * upstream).sum()
-    decision = getattr(router, "last_routing", None)
     if decision is not None:
         loss = loss + decision.ir_probs.sum()
     loss.backward()
@@ -83,7 +88,10 @@ def measure(
 
 
 def _bound(router: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor):
-    return lambda: _forward_backward(router, x, upstream)
+    from megatron.rectify.router import RectifyRouter
+
+    rectified = isinstance(router, RectifyRouter)
+    return lambda: _forward_backward(router, x, upstream, rectified)
 
 
 def bench_rank(

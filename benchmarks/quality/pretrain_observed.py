@@ -94,18 +94,11 @@ def accumulate(totals: dict[str, float], stats) -> None:
 
 
 def rates(totals: dict[str, float]) -> dict[str, float]:
-    """Percentages as the training summary defines them, plus ``lost`` (tokens no expert
-    computes: the quantity rectification exists to remove)."""
-    requests = max(totals["num_requests"], 1.0)
-    slots = max(totals["slots"], 1.0)
-    tokens = max(totals["num_tokens"], 1.0)
-    return {
-        "dropped_pct": 100.0 * totals["dropped"] / requests,
-        "padded_pct": 100.0 * totals["padded"] / slots,
-        "filled_in_pct": 100.0 * totals["filled_in"] / slots,
-        "rectified_pct": 100.0 * totals["rectified"] / tokens,
-        "lost_pct": 100.0 * totals["lost"] / tokens,
-    }
+    """Percentages as the training summary defines them (``routing.routing_rates``), ``lost``
+    included (tokens no expert computes: the quantity rectification exists to remove)."""
+    from megatron.rectify.routing import routing_rates
+
+    return routing_rates(totals)
 
 
 def install_observer() -> None:
@@ -217,15 +210,16 @@ def install_unit_gate() -> None:
     """
     from megatron.rectify.router import RectifyRouter
 
-    original_routing = RectifyRouter.routing
+    original_route_logits = RectifyRouter.route_logits
 
-    def routing_with_unit_gate(self, logits: torch.Tensor, padding_mask=None):
-        probs, routing_map = original_routing(self, logits, padding_mask)
-        if self.last_routing is None and self.topk == 1:  # megatron's own path was taken
-            probs = torch.where(probs != 0, 1 + probs - probs.detach(), probs)
-        return probs, routing_map
+    def route_logits_with_unit_gate(self, logits: torch.Tensor, padding_mask=None):
+        output = original_route_logits(self, logits, padding_mask)
+        if output.decision is None and self.topk == 1:  # megatron's own path was taken
+            probs = output.probs
+            output.probs = torch.where(probs != 0, 1 + probs - probs.detach(), probs)
+        return output
 
-    RectifyRouter.routing = routing_with_unit_gate
+    RectifyRouter.route_logits = route_logits_with_unit_gate
 
 
 #: Settings that only mean something for an MoE model, and their dense-model values.

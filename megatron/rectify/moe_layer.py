@@ -3,10 +3,26 @@
 Owns: wiring. It stays an ``MoELayer`` (transformer layers check ``isinstance``), builds a
 ``RectifyRouter`` (the spec may also name it), swaps megatron's alltoall dispatcher for
 ``MoERectifyAlltoAllTokenDispatcher`` after construction (megatron picks dispatchers by a
-hard-coded string), hands each call's IR decision from the router to the dispatcher, and records
+hard-coded string), hands each call's decision from the router to the dispatcher, and records
 the per-layer routing statistics in megatron's MoE metrics tracker, next to the load-balancing
 loss, so they reach the training log and TensorBoard.
-Must not touch: routing math (``routing.py``), collectives (``token_dispatcher.py``).
+Must not touch: routing math (``routing.py``), collectives (``token_dispatcher.py``,
+``intra_gpu_batch.py``).
+
+One call, top-down (megatron's ``MoELayer.forward`` drives it; ours marked *):
+    route*       ``self.router(x, with_decision=True)`` -> ``RouterOutput`` (probs, routing_map,
+                 decision); statistics recorded from it; the decision is handed to preprocess.
+    preprocess*  ``token_dispatcher.dispatch_preprocess(x, routing_map, probs, decision=...)``:
+                 megatron's permute plus the IR split.
+    dispatch / routed_experts_compute / combine / postprocess: megatron's, through the
+                 dispatcher's hooks (see ``token_dispatcher.py``).
+
+NOTE: the hand-off from ``route`` to ``preprocess`` is the one place where the decision rides
+on the layer (``_decision_for_preprocess``, set by ``route``, taken by the next ``preprocess``).
+megatron's ``forward``, its fine-grained schedule callables and its CUDA-graph paths all call
+``route()`` and then ``preprocess(hidden_states, probs, routing_map)`` with megatron's two tensors
+only; passing a third value would mean re-implementing ``MoELayer.forward`` (recompute, partial
+CUDA-graph capture, execution maps). From ``preprocess`` on, the decision is an argument.
 """
 
 from __future__ import annotations
@@ -18,14 +34,30 @@ import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.transformer.moe.moe_utils import (
+    get_default_pg_collection,
+    maybe_skip_or_early_return_by_cudagraph,
+)
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron.rectify.config import RectifyConfigError, rectify_options_from_config
 from megatron.rectify.router import RectifyRouter
-from megatron.rectify.routing import RoutingStatistics
-from megatron.rectify.token_dispatcher import MoERectifyAlltoAllTokenDispatcher
+from megatron.rectify.routing import (
+    RATE_TOTALS,
+    RectifiedRouting,
+    RoutingStatistics,
+    max_over_mean_load,
+    routing_rates,
+)
+from megatron.rectify.token_dispatcher import (
+    MoERectifyAlltoAllTokenDispatcher,
+    uses_alltoall_dispatcher,
+)
+
+#: The rates of ``routing.RATES`` that the training log carries (``lost`` is only summarised by
+#: the quality benchmark), plus the load imbalance.
+LOGGED_RATES = ("dropped_pct", "padded_pct", "filled_in_pct", "rectified_pct")
 
 #: Names under which the statistics appear in megatron's MoE metrics (log and TensorBoard).
 #: Recorded on every training call for which ``RectifyRouter.statistics()`` has counts: rectified
@@ -33,10 +65,7 @@ from megatron.rectify.token_dispatcher import MoERectifyAlltoAllTokenDispatcher
 #: megatron's real drop rate, a vanilla baseline). Register them only where
 #: ``router.routing_statistics_available`` holds: megatron reports an unrecorded name as 0.00.
 STATISTIC_NAMES = (
-    "rectify_dropped_pct",
-    "rectify_padded_pct",
-    "rectify_filled_in_pct",
-    "rectify_rectified_pct",
+    *(f"rectify_{rate}" for rate in LOGGED_RATES),
     "rectify_max_over_mean_load",
 )
 
@@ -44,19 +73,19 @@ STATISTIC_NAMES = (
 #: Every live rectified layer, so that the training entry point can print a per-layer summary.
 LIVE_LAYERS: weakref.WeakSet = weakref.WeakSet()
 
+#: What ``cumulative_statistics`` sums: the counts and totals of the logged rates.
 _COUNTS = ("dropped", "padded", "filled_in", "rectified")
-_TOTALS = ("num_requests", "slots", "num_tokens")
+_TOTALS = RATE_TOTALS
 
 
 def statistic_tensors(stats: RoutingStatistics) -> dict[str, torch.Tensor]:
     """The logged rates as 0-d tensors (no host sync on the training path)."""
-    load = stats.expert_load.float()
+    counts = {name: getattr(stats, name).float() for name in _COUNTS}
+    counts.update({name: getattr(stats, name) for name in _TOTALS})
+    rates = routing_rates(counts)
     return {
-        "rectify_dropped_pct": 100.0 * stats.dropped.float() / max(stats.num_requests, 1),
-        "rectify_padded_pct": 100.0 * stats.padded.float() / max(stats.slots, 1),
-        "rectify_filled_in_pct": 100.0 * stats.filled_in.float() / max(stats.slots, 1),
-        "rectify_rectified_pct": 100.0 * stats.rectified.float() / max(stats.num_tokens, 1),
-        "rectify_max_over_mean_load": load.max() / load.mean().clamp_min(1e-9),
+        **{f"rectify_{rate}": rates[rate] for rate in LOGGED_RATES},
+        "rectify_max_over_mean_load": max_over_mean_load(stats.expert_load),
     }
 
 
@@ -73,7 +102,7 @@ class RectifyMoELayer(MoELayer):
         name: str | None = None,
     ) -> None:
         options = rectify_options_from_config(config)
-        if options.enabled and config.moe_token_dispatcher_type != "alltoall":
+        if options.enabled and not uses_alltoall_dispatcher(config):
             raise RectifyConfigError(
                 f"--moe-rectify {config.moe_rectify} needs --moe-token-dispatcher-type alltoall "
                 f"(got {config.moe_token_dispatcher_type!r}): only the rectified alltoall "
@@ -86,7 +115,7 @@ class RectifyMoELayer(MoELayer):
         super().__init__(config, submodules, layer_number, pg_collection, is_mtp_layer, name)
         if not isinstance(self.router, RectifyRouter):
             raise TypeError(f"RectifyMoELayer needs a RectifyRouter, got {type(self.router)}")
-        if config.moe_token_dispatcher_type == "alltoall":
+        if uses_alltoall_dispatcher(config):
             self.token_dispatcher = MoERectifyAlltoAllTokenDispatcher(
                 self.num_local_experts,
                 self.local_expert_indices,
@@ -97,36 +126,73 @@ class RectifyMoELayer(MoELayer):
                 self.token_dispatcher.set_shared_experts(self.shared_experts)
         # Training-time totals since construction (device tensors: no host sync per step).
         self.cumulative_statistics: dict[str, torch.Tensor] = {}
+        # The route -> preprocess hand-off (see the module docstring's NOTE).
+        self._decision_for_preprocess: RectifiedRouting | None = None
         LIVE_LAYERS.add(self)
 
+    @maybe_skip_or_early_return_by_cudagraph("route")
     def route(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """megatron's routing, then hand the IR decision to the dispatcher and log statistics."""
-        probs, routing_map = super().route(hidden_states, padding_mask)
-        decision = self.router.last_routing
-        if isinstance(self.token_dispatcher, MoERectifyAlltoAllTokenDispatcher):
-            if decision is None:
-                self.token_dispatcher.set_intra_gpu_assignment(None, None)
-            else:
-                self.token_dispatcher.set_intra_gpu_assignment(
-                    decision.ir_expert, decision.ir_probs
-                )
+        """The router's output: ``(probs, routing_map)`` for megatron's forward, the decision
+        for the next ``preprocess``, and the call's statistics for the training log."""
+        output = self.router(hidden_states, padding_mask, with_decision=True)
+        self._decision_for_preprocess = output.decision
         if self.training and torch.is_grad_enabled():
-            stats = self.router.statistics()  # rectified, or megatron's own decision counted
+            stats = self.router.statistics(output)  # rectified, or megatron's decision counted
             if stats is not None:
                 self._record_statistics(stats)
-        return probs, routing_map
+        return output.probs, output.routing_map
+
+    @maybe_skip_or_early_return_by_cudagraph("preprocess")
+    def preprocess(
+        self, hidden_states: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor
+    ):
+        """Hand the decision of the preceding ``route`` to the dispatcher's preprocess.
+
+        A call megatron routed (no decision), or another dispatcher, runs megatron's own
+        ``MoELayer.preprocess`` unchanged. A rectified call runs that method's training steps
+        (the latent projection, then ``dispatch_preprocess``) with the decision as an argument.
+        """
+        decision = self._take_decision(routing_map)
+        if decision is None or not isinstance(
+            self.token_dispatcher, MoERectifyAlltoAllTokenDispatcher
+        ):
+            return _megatron_preprocess(self, hidden_states, probs, routing_map)
+        if self.config.moe_latent_size:
+            if self.shared_expert_overlap:  # megatron refuses this outside NVLS inference
+                raise AssertionError(
+                    "Shared expert overlap with MoE latent projections is not supported with "
+                    "the rectified alltoall dispatcher. Disable moe_shared_expert_overlap."
+                )
+            hidden_states, _ = self.fc1_latent_proj(hidden_states)
+        return self.token_dispatcher.dispatch_preprocess(
+            hidden_states, routing_map, probs, decision=decision
+        )
+
+    def _take_decision(self, routing_map: torch.Tensor) -> RectifiedRouting | None:
+        """The decision ``route`` left for this ``preprocess``, if it belongs to ``routing_map``.
+
+        It belongs when ``routing_map`` is the very tensor ``route`` returned. It does not when
+        ``route`` was skipped (a CUDA-graph replay of the router): a stale decision is dropped,
+        and refused when it may carry IR tokens, which would otherwise be computed for the wrong
+        rows or lost.
+        """
+        decision, self._decision_for_preprocess = self._decision_for_preprocess, None
+        if decision is None or decision.routing_map is routing_map:
+            return decision
+        if self.router.rectify_options.intra_gpu:
+            raise RuntimeError(
+                "RectifyMoELayer.preprocess got a routing_map its route() did not return (is the "
+                "router replayed from a CUDA graph?): intra-GPU rectification needs each call's "
+                "decision. Leave the MoE router out of the CUDA graph with --moe-rectify ir."
+            )
+        return None
 
     def statistics_summary(self) -> dict[str, float]:
         """Percentages over every training call so far (this rank's tokens); one host sync."""
         totals = {k: float(v) for k, v in self.cumulative_statistics.items()}
         if not totals:
             return {}
-        return {
-            "dropped_pct": 100.0 * totals["dropped"] / max(totals["num_requests"], 1.0),
-            "padded_pct": 100.0 * totals["padded"] / max(totals["slots"], 1.0),
-            "filled_in_pct": 100.0 * totals["filled_in"] / max(totals["slots"], 1.0),
-            "rectified_pct": 100.0 * totals["rectified"] / max(totals["num_tokens"], 1.0),
-        }
+        return routing_rates(totals)
 
     def _record_statistics(self, stats: RoutingStatistics) -> None:
         for name in _COUNTS:
@@ -146,3 +212,7 @@ class RectifyMoELayer(MoELayer):
         tracker = get_moe_metrics_tracker()
         for name, value in statistic_tensors(stats).items():
             tracker.record(name, value, layer_number, num_layers, needs_dp_avg=True)
+
+
+#: megatron's ``MoELayer.preprocess`` without its CUDA-graph decorator (ours wraps the override).
+_megatron_preprocess = MoELayer.preprocess.__wrapped__

@@ -1,16 +1,24 @@
 """``RectifyRouter``: megatron's ``TopKRouter`` with Intra-GPU and Fill-in Rectification.
 
 Owns: turning logits into the rectified decision for one MoE layer call, attaching megatron's
-aux losses to it, and keeping the last decision (``last_routing``) for the dispatcher and for
-logging. The routing math itself lives in ``megatron.rectify.routing`` (pure tensors); this module
-only adds what needs the module: parameters, megatron's score functions and losses, and which
-experts are local to this expert-parallel rank.
+aux losses to it, and returning it to the layer as a value (:class:`RouterOutput`). The routing
+math itself lives in ``megatron.rectify.routing`` (pure tensors); this module only adds what
+needs the module: parameters, megatron's score functions and losses, and which experts are
+local to this expert-parallel rank.
+Must not touch: the dispatcher or its state, process groups beyond reading the EP rank.
 
 With rectification off it *is* ``TopKRouter`` (the parent's ``routing`` runs unchanged), so
 ``probs``/``routing_map`` are bit-identical to megatron's.
 
+Hand-off: ``router(x)`` keeps megatron's contract ``(probs, routing_map)``;
+``router(x, with_decision=True)`` (what ``RectifyMoELayer.route`` calls) returns the
+:class:`RouterOutput`, whose ``decision`` (IR destinations and weights included) the layer
+passes on to the dispatcher. ``last_output`` / ``last_routing`` are observation points for
+tests, logging and benchmarks only: no product code reads them.
+
 Workflow of a rectified call:
-    (1) gating: logits = x W_g (on the input's device; megatron's version forces CUDA).
+    (1) gating: logits = x W_g (on the input's device; megatron's version forces CUDA), after
+        megatron's input jitter, and with its forced-balance / forced-bias benchmark logits.
     (2) z-loss, then megatron's top-k selection (score function, pre-softmax, group-limited
         routing, expert bias) gives ``topk_indices`` [T, k] in choice order.
     (3) ``p``: the full score distribution over all experts (softmax, or sigmoid/sqrt-softplus).
@@ -22,7 +30,7 @@ Workflow of a rectified call:
         expert-bias token counts updated from the routed pairs only (``routed_map``: padding
         pairs are no tokens an expert serves).
 
-Statistics (``statistics()``) exist for megatron's path too, so that a run that trains
+Statistics (``statistics(output)``) exist for megatron's path too, so that a run that trains
 unrectified (``--moe-rectify none``, e.g. with inference-only ``--moe-rectify-eval``) logs
 megatron's true drop / padding rates instead of zeros.
 """
@@ -36,6 +44,8 @@ import torch
 from megatron.core import utils as mcore_utils
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_utils import (
+    apply_biased_logits,
+    apply_random_logits,
     compute_routing_scores_for_aux_loss,
     get_capacity,
     get_default_pg_collection,
@@ -56,6 +66,7 @@ from megatron.rectify.routing import (
     rectified_routing,
     routing_statistics,
 )
+from megatron.rectify.token_dispatcher import uses_alltoall_dispatcher
 
 #: megatron's routing types that are not top-k-with-capacity (no drop rate to report).
 _NOT_TOPK_ROUTING = ("sinkhorn", "quantile_balancing")
@@ -85,12 +96,31 @@ def routing_statistics_available(config: Any) -> bool:
 
 @dataclass
 class _MegatronCall:
-    """What megatron's own routing returned, kept so ``statistics()`` can count it later."""
+    """What megatron's own routing returned, kept so the statistics can count it later."""
 
     logits: torch.Tensor  # [T, E], detached
     probs: torch.Tensor  # [T, E], detached
     routing_map: torch.Tensor  # [T, E]: kept top-k requests (+ megatron's zero-weight padding)
     grad_enabled: bool  # megatron's top-k sorts only with grad on; recompute in the same mode
+
+
+@dataclass
+class RouterOutput:
+    """One router call, as the router hands it to the layer.
+
+    Attributes:
+        probs: [T, E] gate weights for the dispatcher (megatron's ``probs``).
+        routing_map: [T, E] bool pairs sent through the all-to-all (megatron's ``routing_map``).
+        decision: the full rectified decision (IR destinations and weights, kept / fill-in /
+            dropped / padding maps), or ``None`` when megatron's own top-k routed the call.
+        megatron_call: megatron's own result, kept for ``RectifyRouter.statistics`` (``None``
+            when rectified, or when megatron's path has no truthful statistics).
+    """
+
+    probs: torch.Tensor
+    routing_map: torch.Tensor
+    decision: RectifiedRouting | None = None
+    megatron_call: _MegatronCall | None = None
 
 
 def full_score_distribution(logits: torch.Tensor, score_function: str) -> torch.Tensor:
@@ -122,9 +152,8 @@ class RectifyRouter(TopKRouter):
     """Top-k router whose capacity overflow and padding are rectified (IR / FR).
 
     Reads its settings from ``config.moe_rectify*`` (see ``RectifyTransformerConfig``); a plain
-    ``TransformerConfig`` means rectification off. After each call, ``last_routing`` holds the
-    full :class:`RectifiedRouting` (IR destinations and weights included) or ``None`` when the
-    call was not rectified.
+    ``TransformerConfig`` means rectification off. ``forward(x, with_decision=True)`` returns
+    the :class:`RouterOutput` of the call; ``last_output`` keeps it for observation only.
     """
 
     def __init__(
@@ -142,12 +171,56 @@ class RectifyRouter(TopKRouter):
         num_local = self.num_experts // ep_size
         self.local_experts = range(ep_rank * num_local, (ep_rank + 1) * num_local)
         self.rectify_options: RectifyOptions = rectify_options_from_config(config)
-        self.last_routing: RectifiedRouting | None = None
-        self._last_megatron_call: _MegatronCall | None = None
+        #: The last call's output. An observation point for tests, logging and benchmarks,
+        #: never a control path: the layer gets each call's output as the return value.
+        self.last_output: RouterOutput | None = None
+
+    @property
+    def last_routing(self) -> RectifiedRouting | None:
+        """The last call's rectified decision (``None``: megatron routed). Observation only."""
+        return None if self.last_output is None else self.last_output.decision
 
     def set_rectify_options(self, options: RectifyOptions) -> None:
         """Switch rectification for later calls (e.g. inference-only rectification)."""
         self.rectify_options = options
+
+    def rectifies(self) -> bool:
+        """Whether calls are rectified now: rectification on and a capacity to rectify."""
+        return self.rectify_options.enabled and self.config.moe_expert_capacity_factor is not None
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        *,
+        with_decision: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor] | RouterOutput:
+        """megatron's ``(probs, routing_map)``, or with ``with_decision`` the whole
+        :class:`RouterOutput` (the decision the layer hands to the dispatcher)."""
+        output = self.route_logits(self.router_logits(input), padding_mask)
+        self.last_output = output
+        if with_decision:
+            return output
+        return output.probs, output.routing_map
+
+    def router_logits(self, input: torch.Tensor) -> torch.Tensor:
+        """Steps (1) of a call: ``TopKRouter.forward`` of megatron-core 0.19.2 up to its
+        ``self.routing(logits)`` call, line for line.
+
+        NOTE: reproduced rather than inherited because megatron's ``forward`` returns only
+        ``routing``'s two tensors, and the decision must come back as a value.
+        ``tests/test_router.py`` fails loudly when megatron's ``forward`` changes.
+        """
+        self._maintain_float32_expert_bias()
+        input = self.apply_input_jitter(input)
+        logits = self.gating(input)
+        if self.config.moe_router_force_load_balancing:
+            logits = apply_random_logits(logits)
+        if self.config.moe_router_force_biased is not None:
+            logits = apply_biased_logits(
+                logits, self.config.moe_router_force_biased, self.layer_number
+            )
+        return logits
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         """Router logits on the input's device (megatron's version moves weights to CUDA)."""
@@ -160,22 +233,34 @@ class RectifyRouter(TopKRouter):
     def routing(
         self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(probs, routing_map)`` for the dispatcher; rectified when options say so."""
-        options = self.rectify_options
-        self._last_megatron_call = None
+        """megatron's ``TopKRouter.routing`` contract, for callers of that hook (``forward``
+        itself calls ``route_logits``)."""
+        output = self.route_logits(logits, padding_mask)
+        self.last_output = output
+        return output.probs, output.routing_map
+
+    def route_logits(
+        self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> RouterOutput:
+        """Steps (2)-(5): megatron's own routing, or the rectified decision."""
         self._refuse_capacity_beyond_the_tokens(logits.numel() // self.num_experts)
-        if not options.enabled or self.config.moe_expert_capacity_factor is None:
-            self.last_routing = None
+        if not self.rectifies():
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+            megatron_call = None
             if routing_statistics_available(self.config):
-                self._last_megatron_call = _MegatronCall(
+                megatron_call = _MegatronCall(
                     logits.detach().view(-1, self.num_experts),
                     probs.detach(),
                     routing_map,
                     torch.is_grad_enabled(),
                 )
-            return probs, routing_map
+            return RouterOutput(probs, routing_map, megatron_call=megatron_call)
+        decision = self._rectified_decision(logits, padding_mask)
+        return RouterOutput(decision.probs, decision.routing_map, decision=decision)
 
+    def _rectified_decision(
+        self, logits: torch.Tensor, padding_mask: torch.Tensor | None
+    ) -> RectifiedRouting:
         seq_length, bsz = logits.shape[:2]
         logits = logits.view(-1, self.num_experts)
         if padding_mask is not None:
@@ -198,7 +283,7 @@ class RectifyRouter(TopKRouter):
             probs_full,
             topk_indices,
             capacity,
-            options,
+            self.rectify_options,
             self.local_experts,
             selection_scores=selection_scores,
             scaling_factor=self.config.moe_router_topk_scaling_factor,
@@ -207,25 +292,30 @@ class RectifyRouter(TopKRouter):
         )
         decision.probs = decision.probs.type_as(logits)
         decision.ir_probs = decision.ir_probs.type_as(logits)
-        probs = self._attach_aux_losses(decision.probs, logits, padding_mask, seq_length, bsz)
-        decision.probs = probs
+        decision.probs = self._attach_aux_losses(
+            decision.probs, logits, padding_mask, seq_length, bsz
+        )
         # Only real (token, expert) pairs steer the expert bias; padding pairs are empty slots.
         self._apply_expert_bias(decision.routed_map, padding_mask=padding_mask)
-        self.last_routing = decision
-        return probs, decision.routing_map
+        return decision
 
-    def statistics(self) -> RoutingStatistics | None:
-        """Counts of the last call: rectified, or megatron's own top-k with capacity.
+    def statistics(self, output: RouterOutput | None = None) -> RoutingStatistics | None:
+        """Counts of one call (``output``; by default the last call, as an observation):
+        rectified, or megatron's own top-k with capacity.
 
         ``None`` when there is nothing truthful to count (see ``routing_statistics_available``).
         For megatron's path, call it right after the router call (``RectifyMoELayer.route``
         does): it recomputes megatron's top-k from the kept logits with the current expert bias.
         """
-        if self.last_routing is not None:
-            return routing_statistics(self.last_routing, self.topk)
-        if self._last_megatron_call is None:
+        if output is None:
+            output = self.last_output
+        if output is None:
             return None
-        return routing_statistics(self._megatron_decision(self._last_megatron_call), self.topk)
+        if output.decision is not None:
+            return routing_statistics(output.decision, self.topk)
+        if output.megatron_call is None:
+            return None
+        return routing_statistics(self._megatron_decision(output.megatron_call), self.topk)
 
     def _megatron_decision(self, call: _MegatronCall) -> RectifiedRouting:
         """megatron's routing as a ``RectifiedRouting`` (no FR, no IR), for the statistics.
@@ -276,7 +366,7 @@ class RectifyRouter(TopKRouter):
         config = self.config
         if not config.moe_pad_expert_input_to_capacity or config.moe_expert_capacity_factor is None:
             return
-        if not self.rectify_options.enabled and config.moe_token_dispatcher_type != "alltoall":
+        if not self.rectifies() and not uses_alltoall_dispatcher(config):
             return
         capacity = get_capacity(
             num_tokens=num_tokens * self.topk,

@@ -41,7 +41,9 @@ Naming (megatron's words, plus ours):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -120,18 +122,45 @@ class RoutingStatistics:
 
     def as_percentages(self) -> dict[str, float]:
         """Human-readable rates (this is where the one host sync happens, for logging)."""
-        requests = max(self.num_requests, 1)
-        slots = max(self.slots, 1)
-        load = self.expert_load.float()
-        mean_load = load.mean().clamp_min(1e-9)
+        counts = {name: float(getattr(self, name)) for name in RATE_COUNTS}
+        counts.update({name: getattr(self, name) for name in RATE_TOTALS})
+        load = self.expert_load
         return {
-            "dropped_pct": 100.0 * float(self.dropped) / requests,
-            "padded_pct": 100.0 * float(self.padded) / slots,
-            "filled_in_pct": 100.0 * float(self.filled_in) / slots,
-            "rectified_pct": 100.0 * float(self.rectified) / max(self.num_tokens, 1),
-            "lost_pct": 100.0 * float(self.lost) / max(self.num_tokens, 1),
-            "max_over_mean_load": float(load.max() / mean_load) if load.numel() else 0.0,
+            **routing_rates(counts),
+            "max_over_mean_load": float(max_over_mean_load(load)) if load.numel() else 0.0,
         }
+
+
+#: The one definition of every routing rate: ``rate = 100 * count / max(total, 1)``.
+#: (rate name, count it measures, total it is a share of); the names are ``RoutingStatistics``'.
+RATES = (
+    ("dropped_pct", "dropped", "num_requests"),
+    ("padded_pct", "padded", "slots"),
+    ("filled_in_pct", "filled_in", "slots"),
+    ("rectified_pct", "rectified", "num_tokens"),
+    ("lost_pct", "lost", "num_tokens"),
+)
+RATE_COUNTS = tuple(count for _, count, _ in RATES)
+RATE_TOTALS = tuple(dict.fromkeys(total for _, _, total in RATES))
+
+
+def routing_rates(counts: Mapping[str, Any]) -> dict[str, Any]:
+    """Percentages from counts: every rate of ``RATES`` whose count is in ``counts``.
+
+    ``counts`` maps count and total names to numbers: Python floats (summaries, after their one
+    host sync) or 0-d tensors (the training log: the rates stay tensors, no host sync).
+    """
+    return {
+        rate: 100.0 * counts[count] / max(counts[total], 1)
+        for rate, count, total in RATES
+        if count in counts
+    }
+
+
+def max_over_mean_load(expert_load: torch.Tensor) -> torch.Tensor:
+    """Load imbalance: the busiest expert's tokens over the mean, 0-d tensor (no host sync)."""
+    load = expert_load.float()
+    return load.max() / load.mean().clamp_min(1e-9)
 
 
 def topk_indices_to_map(topk_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
