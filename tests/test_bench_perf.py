@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # benchmarks/ is not installed; rank processes import it too
     sys.path.insert(0, str(REPO))
 
-from benchmarks.perf import a2a_bytes, report, run, sweeps  # noqa: E402
+from benchmarks.perf import a2a_bytes, report, run, sweeps, tables  # noqa: E402
 from benchmarks.perf.sweeps import IterationCase, LayerCase  # noqa: E402
 
 # EP=2, 4 experts (2 per rank), top-1, 64 tokens per rank, capacity factor 1: this seed drops
@@ -197,7 +197,7 @@ def test_every_preset_sweeps_runnable_cases(preset: str) -> None:
                 "sweep": sweep.as_json(),
                 "rows": [dataclasses.asdict(c) for c in sweep.cases],
             }
-            found = [row[axis] for row in report.axis_rows(result, axis)]
+            found = [row[axis] for row in tables.axis_rows(result, axis)]
             assert sorted(set(values) | {getattr(sweep.base, axis)}) == found
 
 

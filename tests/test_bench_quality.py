@@ -20,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.quality import logparse, plan, report  # noqa: E402
+from benchmarks.quality import logparse, plan, report, stats  # noqa: E402
 
 LOG = """\
  [2026-11-23 01:00:00.1] iteration       10/      20 | consumed samples:          160 | \
@@ -90,12 +90,12 @@ def _record(variant: str, rectify: str, seed: int, loss: float, **spec: object) 
 
 
 def test_statistics_spread_and_paired_deltas() -> None:
-    stat = report.Stat.of([2.0, 2.2, 2.4])
+    stat = stats.Stat.of([2.0, 2.2, 2.4])
     assert stat.mean == pytest.approx(2.2) and stat.std == pytest.approx(0.2)  # n - 1
     assert (stat.low, stat.high, stat.n) == (2.0, 2.4, 3)
     vanilla = [_record("Top-1", "none", s, loss) for s, loss in ((1, 2.7), (2, 2.6), (3, 2.8))]
     rectified = [_record("Top-1+FR+IR", "ir+fr", s, loss) for s, loss in ((1, 2.5), (3, 2.7))]
-    delta = report.paired_delta(rectified, vanilla)  # seed 2 has no partner: left out
+    delta = stats.paired_delta(rectified, vanilla)  # seed 2 has no partner: left out
     assert delta.n == 2 and delta.mean == pytest.approx(-0.15)
 
 
@@ -103,10 +103,10 @@ def test_target_check_needs_a_gap_above_twice_the_larger_spread() -> None:
     vanilla = [_record("Top-1", "none", s, loss) for s, loss in ((1, 2.70), (2, 2.72), (3, 2.68))]
     close = [_record("Top-1+FR+IR", "ir+fr", s, x) for s, x in ((1, 2.66), (2, 2.70), (3, 2.62))]
     far = [_record("Top-1+FR+IR", "ir+fr", s, x) for s, x in ((1, 2.50), (2, 2.52), (3, 2.48))]
-    check = report.target_check(report.group_runs(vanilla + close), "scratch")
+    check = stats.target_check(stats.group_runs(vanilla + close), "scratch")
     assert check["gap"] == pytest.approx(0.04) and check["spread"] == pytest.approx(0.04)
     assert not check["holds"]
-    assert report.target_check(report.group_runs(vanilla + far), "scratch")["holds"]
+    assert stats.target_check(stats.group_runs(vanilla + far), "scratch")["holds"]
     assert not check["control"]["available"]  # the gate-1 control was not run
 
     # the same test against the gate-scaling control, which may fail where vanilla's holds
@@ -114,7 +114,7 @@ def test_target_check_needs_a_gap_above_twice_the_larger_spread() -> None:
         _record("Top-1 (gate 1)", "none", s, x, unit_gate=True)
         for s, x in ((1, 2.55), (2, 2.53), (3, 2.51))
     ]
-    check = report.target_check(report.group_runs(vanilla + far + control), "scratch")
+    check = stats.target_check(stats.group_runs(vanilla + far + control), "scratch")
     assert check["holds"] and check["control"]["available"]
     assert check["control"]["gap"] == pytest.approx(0.03)
     assert check["control"]["paired"].mean == pytest.approx(-0.03)

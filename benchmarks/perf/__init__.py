@@ -14,7 +14,8 @@ Parts (one module each), all driven by ``python -m benchmarks.perf`` (:mod:`.run
 * :mod:`.a2a_bytes` - bytes the EP all-to-all sends to *other* ranks per iteration, for vanilla,
   IR, FR, IR+FR and a comparison-only baseline (:mod:`.redispatch`) that re-dispatches dropped
   tokens to their next choice across GPUs;
-* :mod:`.report` - JSON results -> ``docs/results/perf.md`` and PNG plots.
+* :mod:`.report` - JSON results -> ``docs/results/perf.md`` (:mod:`.tables` for the tables,
+  :mod:`.plots` for the PNG plots).
 
 CPU machines run the ranks as gloo processes under the CPU emulation
 (:func:`megatron.rectify.testing.multiprocess.run_distributed`); GPU machines run the same code

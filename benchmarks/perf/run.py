@@ -31,8 +31,8 @@ from benchmarks.perf.common import (
     launched_by_torchrun,
     machine_info,
 )
+from benchmarks.perf.report import PARTS
 
-PARTS = ("router", "layer", "iteration", "bytes")
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "results"
 #: (minimum timed repeats, untimed warm-up rounds, seconds a setting may fill with more
 #: repeats) per preset and part: cheap settings get more samples, see ``repeats_for_budget``.
@@ -119,7 +119,7 @@ def run_part(part: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from benchmarks.perf import report
+    from benchmarks.perf import report, tables
 
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
                 path = args.out / f"perf_{part}.json"
                 path.write_text(json.dumps(result, indent=1) + "\n")
                 print(f"\n## {part} ({result['wall_s']:.0f} s) -> {path}")
-                print(report.part_markdown(result), flush=True)
+                print(tables.part_markdown(result), flush=True)
     if is_reporting_process():
         written = report.write_report(args.out)
         print(f"\nreport: {', '.join(str(p) for p in written)}")

@@ -8,9 +8,12 @@ rectification and load-balancing on/off, several seeds each, then writes
 - ``plan``: run specifications, the experiment grid, megatron command lines, cache keys;
 - ``runner``: launch one run (``pretrain_observed.py`` on 2 gloo processes or torchrun on GPUs),
   cache its parsed result;
-- ``pretrain_observed``: ``pretrain_gpt_rectify.py`` plus routing statistics for vanilla runs
-  and for evaluation passes, and paired inference-only evaluation;
+- ``pretrain_observed``: ``pretrain_gpt_rectify.py`` plus routing statistics for evaluation
+  passes and dropless runs (a product routing observer), the gate-1 control, and paired
+  inference-only evaluation;
 - ``logparse``: megatron's log -> JSON record;
-- ``report``: records -> tables (mean, spread, paired deltas) and PNG plots;
+- ``stats``: records -> statistics over seeds (mean, spread, paired deltas, the target);
+- ``tables`` / ``plots``: the report's markdown tables and PNG plots;
+- ``report``: the document ``docs/results/quality.md``;
 - ``cli``: the command line.
 """

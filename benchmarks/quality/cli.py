@@ -35,7 +35,7 @@ from benchmarks.quality.plan import (
     dense_spec,
     experiment_specs,
 )
-from benchmarks.quality.report import group_runs, target_check, write_report
+from benchmarks.quality.report import write_report
 from benchmarks.quality.runner import (
     LAUNCHERS,
     REPO,
@@ -45,6 +45,7 @@ from benchmarks.quality.runner import (
     prepare_fork_launcher,
     run_dir,
 )
+from benchmarks.quality.stats import group_runs, target_check
 
 DEFAULT_OUT = REPO / "benchmarks" / "quality" / "runs"
 DEFAULT_REPORT = REPO / "docs" / "results"

@@ -2,33 +2,36 @@
 
 The quality benchmark compares vanilla top-k routing with rectified routing, so it needs the
 same dropped / padded / lost rates for *every* variant, and it needs them for the held-out
-evaluation too (inference-only rectification changes routing only there). The training entry
-point records statistics only for rectified training calls, because a vanilla router is
-megatron's own ``TopKRouter`` path and keeps no decision. This script wraps
-``RectifyMoELayer.route`` from the outside (nothing in ``megatron.rectify`` changes) and:
+evaluation too (inference-only rectification changes routing only there). The product already
+counts rectified calls and megatron's own top-k-with-capacity calls in its training log and
+final "rectify routing summary"; this script adds, through the product's public observation
+points only (``moe_layer.add_routing_observer``, ``RectifyRouter.set_unit_gate``,
+``RectifyRouter.set_rectify_options``):
 
-* counts vanilla calls from megatron's ``routing_map`` (kept pairs) and the capacity, and feeds
-  them into the layer's own training statistics, so the iteration log line and the final
-  "rectify routing summary" carry the same numbers for vanilla runs as for rectified ones;
-* accumulates every evaluation-mode call (vanilla or rectified) separately and prints them at
-  the end as ``quality eval routing summary`` lines;
+* every evaluation-mode call (vanilla or rectified) accumulated per layer and printed at the
+  end as ``quality eval routing summary`` lines;
+* dropless vanilla training calls counted as what they are (nothing dropped, nothing padded),
+  which the product leaves uncounted, so the capacity sweep's dropless row has its rates;
 * with ``--quality-eval-modes ir,fr,ir+fr`` (removed from the command line before megatron
-  parses it), repeats every evaluation pass under each listed rectification, on the very same
+  parses it), every evaluation pass repeated under each listed rectification, on the very same
   batches (recorded during the first pass and replayed). That is inference-only rectification
   measured *paired*: same weights, same held-out tokens, only the routing differs, and no second
   process or checkpoint is needed. Lines read ``... on test set [eval rectify ir] | lm loss ...``;
-* with ``--quality-unit-gate`` (also removed before megatron parses), vanilla top-1 calls get
-  the rectified router's gate weight ``1 + p - sg(p)`` (forward 1, gradient as if ``p``) instead
-  of megatron's ``p``. A rectified top-1 router weights every token that way, so without this
-  control a rectified-vs-vanilla comparison also compares two gate scalings.
+* with ``--quality-unit-gate`` (also removed before megatron parses), the routers' gate-scaling
+  control switched on before the first forward (``RectifyRouter.set_unit_gate``: vanilla top-1
+  weights ``1 + p - sg(p)``, as a rectified top-1 router does).
 
 Then it runs ``megatron.rectify.training.main`` unchanged. Launch it exactly like
-``pretrain_gpt_rectify.py`` (torchrun, same flags).
+``pretrain_gpt_rectify.py`` (torchrun, same flags). What still wraps code that is not ours:
+megatron's ``evaluate_and_print_results`` (the extra passes) and, with ``--moe-use-upcycling``,
+megatron's ``load_and_upcycle_model`` plus the product's ``training.model_provider`` (two
+megatron-core 0.19.2 bugs, see ``allow_megatron_upcycling``).
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,44 +45,33 @@ _COUNT_NAMES = ("dropped", "padded", "filled_in", "rectified", "lost")
 _TOTAL_NAMES = ("num_requests", "slots", "num_tokens")
 #: Which evaluation pass is running (keys the evaluation statistics).
 _current_eval_label = [AS_TRAINED]
+#: layer -> {evaluation label -> summed counts}, over every evaluation call.
+_eval_totals: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def unrectified_statistics(
-    probs: torch.Tensor, routing_map: torch.Tensor, topk: int, capacity_factor: float | None
-):
-    """``RoutingStatistics`` of a vanilla (megatron) router call.
+def dropless_statistics(probs: torch.Tensor, routing_map: torch.Tensor, topk: int):
+    """``RoutingStatistics`` of a dropless megatron top-k call: every request kept (the pairs
+    with a non-zero probability), no slot to pad (the slots are the kept requests).
 
-    NOTE: with ``--moe-pad-expert-input-to-capacity`` megatron's ``routing_map`` [T, E] holds
-    exactly ``C`` tokens per expert: the kept requests *plus* the best-scoring other tokens with
-    probability zero (megatron's padding is real tokens with no weight). The kept requests are
-    therefore the pairs with a non-zero probability, ``dropped = T * k - kept``, and ``padded``
-    is ``E * C - kept`` as in ``routing.routing_statistics``. Dropless routing has nothing to
-    pad.
+    NOTE: the product counts only calls with a capacity (``routing_statistics_available``);
+    this keeps the benchmark's dropless rows at their true 0 % until the product counts
+    dropless top-k calls itself.
     """
-    from megatron.core.transformer.moe.moe_utils import get_capacity
-
     from megatron.rectify.routing import RoutingStatistics
 
-    num_tokens, num_experts = routing_map.shape
+    num_tokens = routing_map.shape[0]
     kept_map = routing_map & (probs.detach() != 0)
     kept = kept_map.sum()
-    if capacity_factor is None:
-        slots = int(kept)
-    else:
-        capacity = get_capacity(
-            num_tokens=num_tokens * topk, num_experts=num_experts, capacity_factor=capacity_factor
-        )
-        slots = num_experts * capacity
     zero = torch.zeros((), dtype=kept.dtype, device=kept.device)
     return RoutingStatistics(
         num_tokens=num_tokens,
         num_requests=num_tokens * topk,
-        slots=slots,
+        slots=int(kept),
         dropped=num_tokens * topk - kept,
         filled_in=zero,
         rectified=zero,
         occupied=kept,
-        padded=(slots - kept).clamp_min(0),
+        padded=zero,
         lost=(~kept_map.any(dim=1)).sum(),
         expert_load=kept_map.sum(dim=0),
     )
@@ -87,52 +79,29 @@ def unrectified_statistics(
 
 def accumulate(totals: dict[str, float], stats) -> None:
     """Add one call's counts to ``totals`` (one host sync per call: evaluation only)."""
-    for name in _COUNT_NAMES:
-        totals[name] = totals.get(name, 0.0) + float(getattr(stats, name))
-    for name in _TOTAL_NAMES:
+    for name in (*_COUNT_NAMES, *_TOTAL_NAMES):
         totals[name] = totals.get(name, 0.0) + float(getattr(stats, name))
 
 
-def rates(totals: dict[str, float]) -> dict[str, float]:
-    """Percentages as the training summary defines them (``routing.routing_rates``), ``lost``
-    included (tokens no expert computes: the quantity rectification exists to remove)."""
-    from megatron.rectify.routing import routing_rates
-
-    return routing_rates(totals)
+def observe_routing(layer, stats, training: bool) -> None:
+    """The routing observer: dropless training calls feed the layer's statistics (the product
+    has none for them), every evaluation call feeds ``_eval_totals``."""
+    if stats is None:
+        if layer.config.moe_expert_capacity_factor is not None:
+            return  # no truthful count (sinkhorn, replayed routing): nothing to add
+        output = layer.router.last_output
+        stats = dropless_statistics(output.probs, output.routing_map, layer.router.topk)
+        if training:
+            layer.record_statistics(stats)
+    if not layer.training:
+        per_label = _eval_totals.setdefault(layer, {})
+        accumulate(per_label.setdefault(_current_eval_label[0], {}), stats)
 
 
 def install_observer() -> None:
-    """Wrap ``RectifyMoELayer.route``: vanilla training calls feed the layer's statistics,
-    every evaluation call feeds ``layer.quality_eval_totals``."""
-    from megatron.rectify.moe_layer import RectifyMoELayer
+    from megatron.rectify.moe_layer import add_routing_observer
 
-    original_route = RectifyMoELayer.route
-
-    def observed_route(self, hidden_states: torch.Tensor, padding_mask=None):
-        probs, routing_map = original_route(self, hidden_states, padding_mask)
-        stats = self.router.statistics()
-        training = self.training and torch.is_grad_enabled()
-        if stats is None:  # megatron's own routing: count it from the routing map
-            stats = unrectified_statistics(
-                probs, routing_map, self.router.topk, self.config.moe_expert_capacity_factor
-            )
-            if training:
-                self._record_statistics(stats)
-        if not self.training:
-            per_label = self.__dict__.setdefault("quality_eval_totals", {})
-            accumulate(per_label.setdefault(_current_eval_label[0], {}), stats)
-        return probs, routing_map
-
-    RectifyMoELayer.route = observed_route
-
-
-def report_routing_metrics_always() -> None:
-    """The entry point adds our rates to megatron's iteration log only when rectifying; the
-    benchmark wants them for vanilla runs too (installed once, here)."""
-    from megatron.rectify import training
-
-    training._report_routing_statistics_with_the_moe_metrics()
-    training._report_routing_statistics_with_the_moe_metrics = lambda: None
+    add_routing_observer(observe_routing)
 
 
 def print_eval_summary() -> None:
@@ -140,6 +109,7 @@ def print_eval_summary() -> None:
     from megatron.core import parallel_state
 
     from megatron.rectify.moe_layer import LIVE_LAYERS
+    from megatron.rectify.routing import routing_rates
 
     if (
         parallel_state.get_data_parallel_rank() != 0
@@ -147,13 +117,13 @@ def print_eval_summary() -> None:
     ):
         return
     layers = sorted(LIVE_LAYERS, key=lambda layer: layer.layer_number or 0)
-    observed = [(layer.layer_number, getattr(layer, "quality_eval_totals", {})) for layer in layers]
+    observed = [(layer.layer_number, _eval_totals.get(layer, {})) for layer in layers]
     if not any(per_label for _, per_label in observed):
         return
     print(f"{EVAL_SUMMARY_HEADER} (this rank's tokens, all evaluation passes):", flush=True)
     for number, per_label in observed:
         for label, totals in per_label.items():
-            r = rates(totals)
+            r = routing_rates(totals)
             print(
                 f"  eval [{label}] MoE layer {number}: dropped {r['dropped_pct']:.2f} % | padded "
                 f"{r['padded_pct']:.2f} % | filled-in {r['filled_in_pct']:.2f} % | rectified "
@@ -203,23 +173,26 @@ def pop_flag(argv: list[str], flag: str) -> bool:
 
 
 def install_unit_gate() -> None:
-    """Vanilla top-1 routing with the rectified router's gate weight (see the module docstring).
+    """Switch every router's gate-scaling control on (``RectifyRouter.set_unit_gate``) before
+    the model's first forward.
 
-    Applied to the ``probs`` megatron returns, after its aux-loss autograd hooks, so the
-    load-balancing gradient is unchanged; zero entries (dropped, padding) stay zero.
+    The model is built inside the training entry point, which offers no hook on the built
+    model; every MoE layer is registered in ``moe_layer.LIVE_LAYERS`` when constructed, and the
+    whole model is built before anything runs forward, so a global forward pre-hook reaches
+    every router before its first call and then removes itself.
+    TODO(product hook): a callback on the built model in the training entry point (e.g.
+    ``training.add_model_built_callback(fn)``, called with each model chunk) would replace it.
     """
-    from megatron.rectify.router import RectifyRouter
+    from megatron.rectify.moe_layer import LIVE_LAYERS
 
-    original_route_logits = RectifyRouter.route_logits
+    def switch_on(module: torch.nn.Module, inputs: Any) -> None:
+        if not LIVE_LAYERS:
+            return  # a forward before the MoE model exists: wait for the model's
+        handle.remove()
+        for layer in list(LIVE_LAYERS):
+            layer.router.set_unit_gate(True)
 
-    def route_logits_with_unit_gate(self, logits: torch.Tensor, padding_mask=None):
-        output = original_route_logits(self, logits, padding_mask)
-        if output.decision is None and self.topk == 1:  # megatron's own path was taken
-            probs = output.probs
-            output.probs = torch.where(probs != 0, 1 + probs - probs.detach(), probs)
-        return output
-
-    RectifyRouter.route_logits = route_logits_with_unit_gate
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(switch_on)
 
 
 #: Settings that only mean something for an MoE model, and their dense-model values.
@@ -333,7 +306,6 @@ def main() -> None:
     install_observer()
     if unit_gate:
         install_unit_gate()
-    report_routing_metrics_always()
     if modes:
         install_extra_evaluations(modes)
     if "--moe-use-upcycling" in sys.argv:

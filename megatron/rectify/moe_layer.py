@@ -5,7 +5,8 @@ Owns: wiring. It stays an ``MoELayer`` (transformer layers check ``isinstance``)
 ``MoERectifyAlltoAllTokenDispatcher`` after construction (megatron picks dispatchers by a
 hard-coded string), hands each call's decision from the router to the dispatcher, and records
 the per-layer routing statistics in megatron's MoE metrics tracker, next to the load-balancing
-loss, so they reach the training log and TensorBoard.
+loss, so they reach the training log and TensorBoard, and hands every call's statistics to the
+registered routing observers (``add_routing_observer``: benchmarks, evaluation summaries).
 Must not touch: routing math (``routing.py``), collectives (``token_dispatcher.py``,
 ``intra_gpu_batch.py``).
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Callable
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -72,6 +74,34 @@ STATISTIC_NAMES = (
 
 #: Every live rectified layer, so that the training entry point can print a per-layer summary.
 LIVE_LAYERS: weakref.WeakSet = weakref.WeakSet()
+
+#: ``observer(layer, stats, training)``; see ``add_routing_observer``.
+RoutingObserver = Callable[["RectifyMoELayer", RoutingStatistics | None, bool], None]
+_ROUTING_OBSERVERS: list[RoutingObserver] = []
+
+
+def add_routing_observer(observer: RoutingObserver) -> Callable[[], None]:
+    """Call ``observer(layer, stats, training)`` after every routed call of every
+    ``RectifyMoELayer``, training and evaluation calls alike; returns a function that removes it.
+
+    ``stats`` is the call's ``RoutingStatistics`` (``layer.router.statistics(output)``: rectified
+    calls, and megatron's own top-k with a capacity), or ``None`` where the router has no
+    truthful count (dropless, sinkhorn, replayed routing; see
+    ``router.routing_statistics_available``). ``training`` is whether the layer counted the call
+    as training (training mode and gradients on): those statistics are already in
+    ``cumulative_statistics`` and the training log. The counts are device tensors: an observer
+    that reads them syncs the host. Observation only: an observer must not change the routing.
+    While an observer is registered, evaluation calls compute their statistics too (on
+    megatron's path one top-k recompute per call).
+    """
+    _ROUTING_OBSERVERS.append(observer)
+
+    def remove() -> None:
+        if observer in _ROUTING_OBSERVERS:
+            _ROUTING_OBSERVERS.remove(observer)
+
+    return remove
+
 
 #: What ``cumulative_statistics`` sums: the counts and totals of the logged rates.
 _COUNTS = ("dropped", "padded", "filled_in", "rectified")
@@ -133,13 +163,17 @@ class RectifyMoELayer(MoELayer):
     @maybe_skip_or_early_return_by_cudagraph("route")
     def route(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """The router's output: ``(probs, routing_map)`` for megatron's forward, the decision
-        for the next ``preprocess``, and the call's statistics for the training log."""
+        for the next ``preprocess``, and the call's statistics for the training log and the
+        routing observers."""
         output = self.router(hidden_states, padding_mask, with_decision=True)
         self._decision_for_preprocess = output.decision
-        if self.training and torch.is_grad_enabled():
+        training = self.training and torch.is_grad_enabled()
+        if training or _ROUTING_OBSERVERS:
             stats = self.router.statistics(output)  # rectified, or megatron's decision counted
-            if stats is not None:
-                self._record_statistics(stats)
+            if training and stats is not None:
+                self.record_statistics(stats)
+            for observer in tuple(_ROUTING_OBSERVERS):
+                observer(self, stats, training)
         return output.probs, output.routing_map
 
     @maybe_skip_or_early_return_by_cudagraph("preprocess")
@@ -194,7 +228,11 @@ class RectifyMoELayer(MoELayer):
             return {}
         return routing_rates(totals)
 
-    def _record_statistics(self, stats: RoutingStatistics) -> None:
+    def record_statistics(self, stats: RoutingStatistics) -> None:
+        """Add one training call's counts to ``cumulative_statistics`` and to megatron's MoE
+        metrics. ``route`` does it for every training call the router can count; a caller that
+        counts calls the router cannot (e.g. the quality benchmark's dropless runs, which drop
+        nothing by definition) may add them here."""
         for name in _COUNTS:
             value = getattr(stats, name).detach().to(torch.float64)
             if name in self.cumulative_statistics:

@@ -174,6 +174,8 @@ class RectifyRouter(TopKRouter):
         #: The last call's output. An observation point for tests, logging and benchmarks,
         #: never a control path: the layer gets each call's output as the return value.
         self.last_output: RouterOutput | None = None
+        #: The gate-scaling control (``set_unit_gate``); off unless a caller switches it on.
+        self.unit_gate = False
 
     @property
     def last_routing(self) -> RectifiedRouting | None:
@@ -183,6 +185,19 @@ class RectifyRouter(TopKRouter):
     def set_rectify_options(self, options: RectifyOptions) -> None:
         """Switch rectification for later calls (e.g. inference-only rectification)."""
         self.rectify_options = options
+
+    def set_unit_gate(self, enabled: bool) -> None:
+        """The gate-scaling control of the quality benchmark (``Top-1 (gate 1)``): unrectified
+        top-1 calls weight each routed token ``1 + p - sg(p)`` (forward 1, gradient as if
+        ``p``), the gate weight every rectified top-1 call has, instead of megatron's ``p``; so
+        that a rectified-vs-vanilla comparison does not also compare two gate scalings.
+
+        Applied to the ``probs`` megatron's routing returns, after its aux-loss autograd hooks
+        (the load-balancing gradient is unchanged); zero entries (dropped, padding) stay zero.
+        No effect on rectified calls or with top-k > 1. Not a training flag: the benchmark sets
+        it on the built model.
+        """
+        self.unit_gate = enabled
 
     def rectifies(self) -> bool:
         """Whether calls are rectified now: rectification on and a capacity to rectify."""
@@ -254,6 +269,8 @@ class RectifyRouter(TopKRouter):
                     routing_map,
                     torch.is_grad_enabled(),
                 )
+            if self.unit_gate and self.topk == 1:
+                probs = torch.where(probs != 0, 1 + probs - probs.detach(), probs)
             return RouterOutput(probs, routing_map, megatron_call=megatron_call)
         decision = self._rectified_decision(logits, padding_mask)
         return RouterOutput(decision.probs, decision.routing_map, decision=decision)
