@@ -62,6 +62,66 @@ class PreprocessError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (``kill``, a batch scheduler's time limit): raised in the main thread so
+    that the same cleanup as for Ctrl-C runs (temporary outputs deleted)."""
+
+
+#: The signal handlers' state: the process they were installed in, whether they must only
+#: record the signal (while a worker pool runs: an exception raised inside multiprocessing's
+#: internals can hang the pool, and one raised in a fork callback is dropped by Python), and
+#: which signal arrived.
+_SIGNALS: dict[str, Any] = {"pid": -1, "defer": False, "received": None}
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGTERM -> :class:`Terminated`, SIGINT -> ``KeyboardInterrupt``, in the main thread."""
+    import signal
+
+    if os.getpid() != _SIGNALS["pid"]:  # a forked worker before its initializer ran
+        if signum == signal.SIGTERM:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if _SIGNALS["received"] is not None:
+        return  # already stopping: a second signal must not cut the cleanup short
+    _SIGNALS["received"] = signum  # also seen at the next check if the exception gets lost
+    if not _SIGNALS["defer"]:
+        _check_interrupted()
+
+
+def _check_interrupted() -> None:
+    """Raise here for a signal recorded earlier (a safe point of the main loop)."""
+    import signal
+
+    signum = _SIGNALS["received"]
+    if signum == signal.SIGTERM:
+        raise Terminated(signum)
+    if signum is not None:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _signals_clean_up() -> Iterator[None]:
+    """While preprocessing, SIGTERM raises :class:`Terminated` (instead of killing the process
+    on the spot, which left ``*.bin.tmp-PID-*`` files behind) and SIGINT ``KeyboardInterrupt``,
+    both only where the cleanup can run."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    _SIGNALS.update(pid=os.getpid(), defer=False, received=None)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _SIGNALS.update(pid=-1, defer=False, received=None)
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -374,43 +434,109 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), "an object")
 
 
-_WORKER_ENCODER: _Encoder | None = None
+def _worker_main(conn: Any, args: argparse.Namespace) -> None:
+    """A tokenizer process: batches in, encoded batches out, over its own pipe. Each worker
+    builds its own tokenizer (as Megatron-LM's tool does): some tokenizers hold thread pools or
+    native state that must not be shared across ``fork``."""
+    import signal
 
-
-def _worker_init(args: argparse.Namespace) -> None:
-    """Each worker builds its own tokenizer (as Megatron-LM's tool does): some tokenizers hold
-    thread pools or native state that must not be shared across ``fork``."""
-    global _WORKER_ENCODER
+    # Ctrl-C reaches the whole process group: the parent alone decides what happens (a forked
+    # worker would otherwise inherit the parent's handlers)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with _quiet_import():
-        _WORKER_ENCODER = _Encoder(args)
-
-
-def _worker_encode(batch: list[_Task]) -> list[tuple[int, int, Any]]:
-    assert _WORKER_ENCODER is not None
-    return _WORKER_ENCODER.encode(batch)
+        encoder = _Encoder(args)
+    while True:
+        try:
+            batch = conn.recv()
+        except (EOFError, OSError):
+            return
+        if batch is None:
+            return
+        try:
+            reply = (True, encoder.encode(batch))
+        except Exception as exc:  # re-raised in the parent, as a pool would
+            reply = (False, exc)
+        try:
+            conn.send(reply)
+        except Exception:  # an exception that does not pickle
+            conn.send((False, RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}")))
 
 
 def _encoded_batches(
     args: argparse.Namespace, encoder: _Encoder, batches: Iterator[list[_Task]]
 ) -> Iterator[tuple[list[_Task], list[tuple[int, int, Any]]]]:
-    """Results in input order. With workers, at most ``4 * workers`` batches are in flight, so
-    memory stays bounded however large the input (``Pool.imap`` would read it all ahead)."""
+    """Results in input order. With workers, one batch per worker is in flight, so memory
+    stays bounded however large the input.
+
+    Each worker has its own pipe and nothing is shared between processes (no
+    ``multiprocessing.Pool``: its ``terminate()`` can deadlock on a queue lock held by a busy
+    or killed worker, which an interrupted run meets), so stopping is always possible: on any
+    exit but the normal end, the workers are killed."""
     if args.workers == 1:
         for batch in batches:
             yield batch, encoder.encode(batch)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
-    with ctx.Pool(args.workers, initializer=_worker_init, initargs=(args,)) as pool:
-        pending: collections.deque = collections.deque()
-        for batch in batches:
-            pending.append((batch, pool.apply_async(_worker_encode, (batch,))))
-            if len(pending) >= 4 * args.workers:
-                done, result = pending.popleft()
-                yield done, result.get()
-        while pending:
-            done, result = pending.popleft()
-            yield done, result.get()
+    workers: list[tuple[Any, Any]] = []
+    finished = False
+    _SIGNALS["defer"] = True  # only recorded while workers run; raised by run(), per batch
+    try:
+        for _ in range(args.workers):
+            mine, theirs = ctx.Pipe()
+            process = ctx.Process(target=_worker_main, args=(theirs, args), daemon=True)
+            process.start()
+            theirs.close()  # the worker's end: EOF here when the worker dies
+            workers.append((process, mine))
+
+        def receive(index: int) -> Any:
+            process, conn = workers[index]
+            try:
+                ok, value = conn.recv()
+            except (EOFError, OSError):
+                _check_interrupted()  # killed by the SIGTERM / SIGINT that stops us anyway
+                process.join(1)
+                raise PreprocessError(
+                    f"tokenizer worker {index} (pid {process.pid}) died (exit code "
+                    f"{process.exitcode})"
+                ) from None
+            if not ok:
+                raise value
+            return value
+
+        # one batch in flight per worker, results in submission order (round robin)
+        queue = iter(batches)
+        in_flight: collections.deque = collections.deque()
+        for index in range(len(workers)):
+            batch = next(queue, None)
+            if batch is None:
+                break
+            workers[index][1].send(batch)
+            in_flight.append((batch, index))
+        while in_flight:
+            batch, index = in_flight.popleft()
+            result = receive(index)
+            following = next(queue, None)
+            if following is not None:
+                workers[index][1].send(following)
+                in_flight.append((following, index))
+            yield batch, result
+        finished = True
+    finally:
+        _SIGNALS["defer"] = False
+        for process, conn in workers:
+            if finished:
+                with contextlib.suppress(OSError):
+                    conn.send(None)
+            else:
+                process.kill()
+        for process, conn in workers:
+            process.join(10 if finished else None)
+            if process.is_alive():
+                process.kill()
+                process.join()
+            conn.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,6 +617,7 @@ def run(args: argparse.Namespace, stderr: TextIO | None = None) -> dict[str, dic
     started = time.monotonic()
 
     writers: dict[str, AtomicIndexedDatasetWriter] = {}
+    encoded: Any = None
     try:
         for key in args.json_keys:
             writers[key] = AtomicIndexedDatasetWriter(
@@ -504,7 +631,11 @@ def run(args: argparse.Namespace, stderr: TextIO | None = None) -> dict[str, dic
             for i, (path, fmt) in enumerate(zip(paths, formats, strict=True)):
                 yield from _read_documents(i, path, fmt, args.text_document)
 
-        for batch, results in _encoded_batches(args, encoder, _batches(tasks())):
+        # held in a variable: on an error the outputs are deleted (except below) before the
+        # generator (and its worker pool) is shut down, so a stuck shutdown leaves no files
+        encoded = _encoded_batches(args, encoder, _batches(tasks()))
+        for batch, results in encoded:
+            _check_interrupted()
             for task, (file_index, lineno, values) in zip(batch, results, strict=True):
                 nbytes += task.nbytes
                 if isinstance(values, str):
@@ -527,11 +658,16 @@ def run(args: argparse.Namespace, stderr: TextIO | None = None) -> dict[str, dic
 
         for writer in writers.values():  # every output complete before any is renamed
             writer.finalize()
+        _check_interrupted()
+        _SIGNALS["defer"] = True  # the renames are not interrupted: all outputs or none
         for writer in writers.values():
             writer.commit()
+        _SIGNALS["defer"] = False  # a signal during the renames: complete outputs, exit 0
     except BaseException:
         for writer in writers.values():
             writer.abort()
+        if encoded is not None:
+            encoded.close()  # stops the worker pool
         raise
     finally:
         progress.close()
@@ -562,13 +698,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        run(args)
+        with _signals_clean_up():
+            run(args)
     except PreprocessError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; no output written", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{parser.prog}: terminated (SIGTERM); no partial output left", file=sys.stderr)
+        return 143
     return 0
 
 

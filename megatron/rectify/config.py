@@ -108,10 +108,29 @@ def validate_rectify_settings(config: Any) -> None:
             "for IR) and no slot is vacant (nothing for FR). Set e.g. "
             "--moe-expert-capacity-factor 1.0, or use --moe-rectify none."
         )
+    if capacity_factor <= 0:
+        # megatron-core 0.19.2 turns a negative factor into dropless routing (None) without a
+        # word, which would make rectification a silent no-op; 0 leaves no capacity at all.
+        why = (
+            "megatron reads a negative factor as dropless routing, where rectification has "
+            "nothing to do"
+            if capacity_factor < 0
+            else "0 gives the experts no capacity"
+        )
+        raise RectifyConfigError(
+            f"--moe-rectify {mode} needs a positive --moe-expert-capacity-factor (got "
+            f"{capacity_factor}: {why}). Set e.g. --moe-expert-capacity-factor 1.0, or use "
+            "--moe-rectify none."
+        )
     num_experts = getattr(config, "num_moe_experts", None)
     topk = getattr(config, "moe_router_topk", 1)
-    if num_experts is None:
+    if not num_experts:
         raise RectifyConfigError(f"--moe-rectify {mode} needs an MoE model: set --num-experts.")
+    if not 1 <= topk <= num_experts:  # before the capacity checks, whose messages assume it
+        raise RectifyConfigError(
+            f"--moe-router-topk {topk} is out of range for --num-experts {num_experts}: set it "
+            f"between 1 and {num_experts} (the number of experts each token is routed to)."
+        )
     if options.intra_gpu and capacity_factor * topk >= num_experts:
         raise RectifyConfigError(
             f"--moe-rectify {mode}: with --moe-expert-capacity-factor {capacity_factor}, "
@@ -139,6 +158,17 @@ def validate_rectify_settings(config: Any) -> None:
             f"--moe-rectify {mode}: with --moe-router-topk {topk} and {num_experts} experts no "
             "token has a (k+1)-th choice to fill in with. Use fewer experts per token or "
             "--moe-rectify-fill-in-candidates any."
+        )
+    # Padding contract: with padding every expert buffer holds exactly C = ceil(k f T / E)
+    # distinct tokens, impossible when C > T, i.e. k f > E for every T (megatron's own padded
+    # alltoall dispatcher fails on it with a shape error). The router re-checks per call, for
+    # k f == E, where megatron's float arithmetic can still round C up to T + 1.
+    padded = getattr(config, "moe_pad_expert_input_to_capacity", False)
+    if padded and capacity_factor * topk > num_experts:
+        raise RectifyConfigError(
+            f"--moe-rectify {mode}: --moe-pad-expert-input-to-capacity needs "
+            f"--moe-expert-capacity-factor at most {num_experts / topk:g} (experts / top-k; got "
+            f"{capacity_factor}): a padded expert buffer holds more slots than there are tokens."
         )
 
 

@@ -405,13 +405,34 @@ class AtomicIndexedDatasetWriter:
             self._finalized = True
 
     def commit(self) -> tuple[Path, Path]:
-        """Finalize if needed and move the pair into place; returns the final paths."""
+        """Finalize if needed and move the pair into place; returns the final paths. SIGINT
+        and SIGTERM are blocked in the calling thread meanwhile (a handler that raises, such as
+        Python's SIGINT one, could otherwise leave the new ``.bin`` without its ``.idx``; a
+        program with other threads defers its handlers itself, as tools/preprocess_data.py)."""
         self.finalize()
-        self.idx_path.unlink(missing_ok=True)
-        os.replace(self._tmp_bin, self.bin_path)
-        os.replace(self._tmp_idx, self.idx_path)
-        self._builder = None
+        with self._signals_deferred():
+            self.idx_path.unlink(missing_ok=True)
+            os.replace(self._tmp_bin, self.bin_path)
+            os.replace(self._tmp_idx, self.idx_path)
+            self._builder = None
         return self.bin_path, self.idx_path
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _signals_deferred() -> Iterator[None]:
+        """Block SIGINT and SIGTERM in this thread for the block; a signal that arrives
+        meanwhile is delivered when it ends."""
+        import signal
+
+        if not hasattr(signal, "pthread_sigmask"):  # not POSIX: nothing to defer with
+            yield
+            return
+        deferred = {signal.SIGINT, signal.SIGTERM}
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def abort(self) -> None:
         """Delete the temporaries (safe to call more than once)."""

@@ -135,16 +135,46 @@ class _ArgsAsConfig:
 
 def rectify_arg_problems(args: argparse.Namespace) -> list[str]:
     """Everything wrong with the rectify-related flags, as messages naming flag and fix."""
+    topk = args.moe_router_topk
+    if args.num_experts and not 1 <= topk <= args.num_experts:  # the checks below assume it
+        return [
+            f"--moe-router-topk {topk} is out of range for --num-experts {args.num_experts}: set "
+            f"it between 1 and {args.num_experts} (the number of experts each token is routed to)."
+        ]
     problems = []
     try:
         validate_rectify_settings(_ArgsAsConfig(args))
     except RectifyConfigError as error:
         problems.append(str(error))
+    # megatron-core 0.19.2 finds this only in initialize_model_parallel, as a RuntimeError on
+    # every rank; args.world_size is megatron's reading of WORLD_SIZE (1 without a launcher).
+    expert_grid = (
+        args.expert_model_parallel_size
+        * (args.expert_tensor_parallel_size or args.tensor_model_parallel_size)
+        * args.pipeline_model_parallel_size
+        * (getattr(args, "expert_gtp_weight_remat_size", None) or 1)
+    )
+    if args.world_size % expert_grid:
+        problems.append(
+            f"--expert-model-parallel-size {args.expert_model_parallel_size} does not fit "
+            f"{args.world_size} processes (WORLD_SIZE): expert-model x expert-tensor x pipeline "
+            f"parallel sizes = {expert_grid} must divide the number of processes. Launch a "
+            f"multiple of {expert_grid} processes or lower --expert-model-parallel-size."
+        )
     if args.num_experts is not None and args.num_experts % args.expert_model_parallel_size:
         problems.append(
             f"--num-experts {args.num_experts} is not divisible by "
             f"--expert-model-parallel-size {args.expert_model_parallel_size}: every EP rank "
             "must hold the same number of experts."
+        )
+    expert_tp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
+    if args.num_experts and args.add_bias_linear and expert_tp > 1:
+        # megatron-core 0.19.2 asserts this in TransformerConfig.__post_init__, at model build.
+        problems.append(
+            f"expert tensor parallel size {expert_tp} (--expert-tensor-parallel-size, default "
+            "--tensor-model-parallel-size) with expert biases: megatron-core supports MoE "
+            "biases only at expert-TP 1. Add --disable-bias-linear or set "
+            "--expert-tensor-parallel-size 1."
         )
     if args.num_experts and args.moe_router_topk == 1 and not args.moe_router_pre_softmax:
         problems.append(
@@ -197,20 +227,31 @@ def parse_and_validate_args(
     args_defaults: dict | None = None,
     build_tokenizer: bool = True,
     prog: str = "pretrain_gpt_rectify.py",
+    training_data: bool = False,
 ) -> argparse.Namespace:
-    """megatron's parse -> our checks (exit 2 with a message) -> megatron's validation."""
+    """megatron's parse -> our checks (exit 2 with a message) -> megatron's validation.
+
+    ``training_data`` (``pretrain_gpt_rectify.py``, not the checkpoint tools): a run given no
+    data source trains on the embedded corpus, and the data it names is checked (prefixes exist,
+    files are whole, every split megatron builds has tokens) before anything is built.
+    """
     from megatron.training.arguments import parse_args, validate_args
     from megatron.training.global_vars import set_global_variables
 
+    from megatron.rectify.data import install_byte_level_tokenizer
+    from megatron.rectify.data_checks import data_source_problem
+
+    install_byte_level_tokenizer()  # --tokenizer-type ByteLevel; before megatron's parser exists
     args_defaults = args_defaults or {}
     args = parse_args(add_rectify_args)
-    if args.use_checkpoint_args:
-        _restore_model_args_from_checkpoint(args, prog)
+    _restore_model_args_from_checkpoint(args, prog)
     problems = rectify_arg_problems(args)
     if problems:
         for problem in problems:
             print(f"{prog}: error: {problem}", file=sys.stderr)
         sys.exit(2)
+    if training_data:
+        _default_to_the_embedded_corpus(args)
     try:
         validate_args(args, args_defaults)
     except AssertionError as error:  # megatron's checks are bare asserts: say which one failed
@@ -219,33 +260,21 @@ def parse_and_validate_args(
             file=sys.stderr,
         )
         sys.exit(2)
+    problem = data_source_problem(args) if training_data else None  # needs validate's --split
+    if problem:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     set_global_variables(args, build_tokenizer=build_tokenizer)
     return args
 
 
-#: Model-defining args that megatron's ``--use-checkpoint-args`` does not restore but that change
-#: the network's output: a model trained with ``--norm-epsilon 1e-6`` must not be rebuilt with 1e-5.
-EXTRA_CHECKPOINT_MODEL_ARGS = ("layernorm_epsilon", "make_vocab_size_divisible_by")
-
-
 def _restore_model_args_from_checkpoint(args: argparse.Namespace, prog: str) -> None:
-    """``--use-checkpoint-args``: megatron's own restore (architecture, MoE shape) plus
-    :data:`EXTRA_CHECKPOINT_MODEL_ARGS`, before any validation (megatron does it in its
-    ``parse_and_validate_args``, which this module replaces)."""
-    from megatron.training.checkpointing import load_args_from_checkpoint
+    """``--load`` before megatron starts: the tracker file checked, ``--use-checkpoint-args``
+    (architecture and routing) restored, unreadable checkpoint files reported in one line; see
+    :mod:`megatron.rectify.checkpoint_args`."""
+    from megatron.rectify.checkpoint_args import prepare_checkpoint_load
 
-    if args.load is None:
-        print(f"{prog}: error: --use-checkpoint-args needs --load DIR", file=sys.stderr)
-        sys.exit(2)
-    restored = load_args_from_checkpoint(args)
-    if not isinstance(restored, tuple):  # megatron returns args alone when nothing was found
-        print(f"{prog}: error: --use-checkpoint-args: no checkpoint args in {args.load}",
-              file=sys.stderr)  # fmt: skip
-        sys.exit(2)
-    _, checkpoint_args = restored
-    for name in EXTRA_CHECKPOINT_MODEL_ARGS:
-        if getattr(checkpoint_args, name, None) is not None:
-            setattr(args, name, getattr(checkpoint_args, name))
+    prepare_checkpoint_load(args, prog)
 
 
 def _failed_assertion(error: AssertionError) -> str:
@@ -487,10 +516,11 @@ def main() -> None:
     from megatron.training import training
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
-    _default_to_the_embedded_corpus()
-    args = parse_and_validate_args()
+    args = parse_and_validate_args(training_data=True)
     _use_prebuilt_dataset_helpers()
-    if args.moe_rectify != "none" or args.moe_rectify_eval not in ("train", "none"):
+    from megatron.rectify.router import routing_statistics_available
+
+    if routing_statistics_available(args):
         _report_routing_statistics_with_the_moe_metrics()
     if cpu:
         _allow_cpu_only_initialisation(training)
@@ -499,16 +529,22 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*recommended to use a ModelConfig.*")
         cfg = pretrain_cfg_container_from_args(args)
-    training.pretrain(
-        cfg,
-        train_valid_test_datasets_provider,
-        ModelType.encoder_or_decoder,
-        forward_step,
-        model_provider=model_provider,
-    )
+    try:
+        training.pretrain(
+            cfg,
+            train_valid_test_datasets_provider,
+            ModelType.encoder_or_decoder,
+            forward_step,
+            model_provider=model_provider,
+        )
+    except SystemExit as exiting:  # megatron ends --exit-interval/--exit-duration runs this way
+        if not exiting.code:
+            _shut_down_distributed()
+        raise
     print_routing_summary()
     if os.environ.get(CHECK_REPLICAS_ENV) == "1":
         check_data_parallel_replicas()
+    _shut_down_distributed()
 
 
 def check_data_parallel_replicas() -> None:
@@ -578,32 +614,64 @@ def print_routing_summary() -> None:
         )
 
 
-def _default_to_the_embedded_corpus() -> None:
-    """``--tokenizer-type ByteLevel`` everywhere; and with no data flag at all, train on the
-    embedded corpus (Python's standard library, byte-level tokens), built once and cached."""
+def _default_to_the_embedded_corpus(args: argparse.Namespace) -> None:
+    """With no data source at all, train on the embedded corpus (Python's standard library,
+    byte-level tokens; built once and cached), with its ``--split`` and ``--tokenizer-type
+    ByteLevel`` unless the user gave them.
+
+    Decided from the parsed arguments, so every spelling of a data flag (``--data-path=P``,
+    ``--train-data-path``, ``--data-args-path``, ``--per-split-data-args-path``,
+    ``--mock-data``) counts; megatron's ``validate_args`` then sees the data as if given.
+    """
     from megatron.rectify.data import (
         BYTE_LEVEL_TOKENIZER_TYPE,
         EMBEDDED_CORPUS_SPLIT,
         ensure_embedded_corpus,
-        install_byte_level_tokenizer,
     )
 
-    install_byte_level_tokenizer()
-    argv = sys.argv[1:]
-    data_flags = ("--data-path", "--mock-data", "--train-data-path", "--data-args-path")
-    if "--help" in argv or "-h" in argv or any(flag in argv for flag in data_flags):
+    sources = (
+        args.data_path,
+        args.data_args_path,
+        args.train_data_path,
+        args.valid_data_path,
+        args.test_data_path,
+        args.per_split_data_args_path,
+    )
+    if args.mock_data or any(source is not None for source in sources):
         return
-    sys.argv += ["--data-path", ensure_embedded_corpus()]
-    if "--split" not in argv:
-        sys.argv += ["--split", EMBEDDED_CORPUS_SPLIT]
-    if "--tokenizer-type" not in argv:
-        sys.argv += ["--tokenizer-type", BYTE_LEVEL_TOKENIZER_TYPE]
+    args.data_path = [ensure_embedded_corpus()]
+    if args.split is None:
+        args.split = EMBEDDED_CORPUS_SPLIT
+    if args.tokenizer_type is None:
+        args.tokenizer_type = BYTE_LEVEL_TOKENIZER_TYPE
+
+
+def _shut_down_distributed() -> None:
+    """End of a run that went well: wait for megatron's asynchronous checkpoint writes and
+    checkpoint-deletion processes, then tear the process groups down on every rank together.
+    Leaving gloo's groups to the interpreter's exit has aborted a process after a checkpoint
+    load ("terminate called without an active exception")."""
+    if not torch.distributed.is_initialized():
+        return
+    from megatron.training.async_utils import is_empty_async_queue, maybe_finalize_async_save
+    from megatron.training.checkpointing import finalize_deletion_processes
+
+    if not is_empty_async_queue():  # pretrain() already finalised them, unless it was cut short
+        maybe_finalize_async_save(blocking=True, terminate=True)
+    finalize_deletion_processes(blocking=True)
+    torch.distributed.barrier()  # no rank may close its connections while a peer still talks
+    torch.distributed.destroy_process_group()
 
 
 def _report_routing_statistics_with_the_moe_metrics() -> None:
     """megatron's training log reports only the MoE metric names it knows (aux losses); add
     ours so that dropped / padded / filled-in / rectified % appear in the iteration log line and
-    in TensorBoard (per layer with ``--moe-per-layer-logging``)."""
+    in TensorBoard (per layer with ``--moe-per-layer-logging``).
+
+    Call it only where ``router.routing_statistics_available`` holds (``main`` does): megatron
+    reports a registered name that no layer recorded as 0.00, which reads as "nothing dropped"
+    (the old ``--moe-rectify none --moe-rectify-eval ...`` log). Unrectified training calls are
+    counted too (megatron's own routing), so a vanilla run logs its real rates as a baseline."""
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
     from megatron.rectify.moe_layer import STATISTIC_NAMES

@@ -3,6 +3,10 @@ trained with - without building the model or starting megatron.
 
     python tools/checkpoint/inspect.py ckpt/run            # summary + every tensor
     python tools/checkpoint/inspect.py ckpt/run --json     # the same, machine-readable
+    python tools/checkpoint/inspect.py ckpt/run --verify   # also read every tensor
+
+Without --verify the shard files' sizes are checked against the index but their tensor data is
+not read. Exit 1 when a shard file is missing, truncated or (--verify) unreadable.
 """
 
 import os
@@ -27,9 +31,20 @@ def main() -> None:
     parser.add_argument("checkpoint", help="megatron checkpoint folder (the --save folder)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--no-tensors", action="store_true", help="summary only")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="also read every tensor of the shard files (on the CPU, a group at a time) and "
+        "report the first unreadable file (exit 1); slow for large checkpoints",
+    )
     options = parser.parse_args()
-    summary = checkpoint_summary(options.checkpoint, with_tensors=not options.no_tensors)
+    summary = checkpoint_summary(
+        options.checkpoint, with_tensors=not options.no_tensors, verify=options.verify
+    )
     print(json.dumps(summary, indent=2) if options.json else format_summary(summary))
+    if summary["shards"]["problem"]:
+        print(f"{PROG}: error: {summary['shards']['problem']}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,14 @@ def import_hf(
     """
     check_destination(save_dir, overwrite)
     reader = HFCheckpointReader(hf_dir)
-    arch = architecture_from_hf_config(reader.config)
+    try:
+        arch = architecture_from_hf_config(reader.config)
+    except CheckpointToolError as error:
+        message = str(error)
+        if message.startswith("config.json"):  # say which config.json
+            where = Path(hf_dir) / "config.json"
+            raise CheckpointToolError(f"{where}{message.removeprefix('config.json')}") from None
+        raise
     clashes = sorted({flag.split("=")[0] for flag in user_flags} & ARCHITECTURE_FLAGS)
     if clashes:
         raise CheckpointToolError(
@@ -246,6 +253,7 @@ def export_hf(
             *(extra_flags or []),
         ],  # fmt: skip
         prog="convert export",
+        routing_from_checkpoint=False,  # the weights do not depend on the routing
     )
     model = session.build_model()
     session.load_model_weights(model)

@@ -46,6 +46,9 @@ def _rope_theta(config: dict[str, Any]) -> float:
     ``rope_theta`` / ``rope_scaling``."""
     parameters = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
+    for key, value in (("rope_parameters", parameters), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise CheckpointToolError(f"config.json has {key}={value!r}: it must be an object")
     for rope_type in (
         parameters.get("rope_type"),
         scaling.get("rope_type"),
@@ -57,7 +60,11 @@ def _rope_theta(config: dict[str, Any]) -> float:
                 "exactly); convert a model without rope_scaling."
             )
     theta = parameters.get("rope_theta", config.get("rope_theta"))
-    return float(theta if theta is not None else 10000.0)
+    if theta is None:
+        return 10000.0
+    if isinstance(theta, bool) or not isinstance(theta, int | float) or theta <= 0:
+        raise CheckpointToolError(f"config.json has rope_theta={theta!r}: it must be a number")
+    return float(theta)
 
 
 def architecture_from_hf_config(config: dict[str, Any]) -> Architecture:
@@ -83,25 +90,51 @@ def architecture_from_hf_config(config: dict[str, Any]) -> Architecture:
             raise CheckpointToolError(
                 f"{model_type} config has {name}={config.get(name)!r}: {why}."
             )
-    heads = int(config["num_attention_heads"])
-    hidden = int(config["hidden_size"])
-    head_dim = config.get("head_dim") or hidden // heads
+    heads = _count(config, "num_attention_heads")
+    hidden = _count(config, "hidden_size")
     is_moe = model_type in MOE_MODEL_TYPES
     return Architecture(
-        num_layers=int(config["num_hidden_layers"]),
+        num_layers=_count(config, "num_hidden_layers"),
         hidden_size=hidden,
-        ffn_hidden_size=int(config["intermediate_size"]),
+        ffn_hidden_size=_count(config, "intermediate_size"),
         num_attention_heads=heads,
-        num_query_groups=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(head_dim),
-        vocab_size=int(config["vocab_size"]),
-        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+        num_query_groups=_count(config, "num_key_value_heads", heads),
+        head_dim=_count(config, "head_dim", hidden // heads),
+        vocab_size=_count(config, "vocab_size"),
+        max_position_embeddings=_count(config, "max_position_embeddings", 4096),
         rope_theta=_rope_theta(config),
-        norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
+        norm_epsilon=_number(config, "rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        num_experts=int(config["num_local_experts"]) if is_moe else None,
-        topk=int(config["num_experts_per_tok"]) if is_moe else None,
+        num_experts=_count(config, "num_local_experts") if is_moe else None,
+        topk=_count(config, "num_experts_per_tok") if is_moe else None,
     )
+
+
+def _count(config: dict[str, Any], key: str, default: int | None = None) -> int:
+    """A positive whole number of ``config.json`` (``default`` when absent or null)."""
+    value = config.get(key)
+    if value is None and default is not None:
+        return default
+    if value is None:
+        raise CheckpointToolError(
+            f"config.json has no {key!r}: a {config.get('model_type')} config needs it"
+        )
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CheckpointToolError(
+            f"config.json has {key}={value!r}: it must be a positive whole number"
+        )
+    return value
+
+
+def _number(config: dict[str, Any], key: str, default: float) -> float:
+    value = config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CheckpointToolError(f"config.json has {key}={value!r}: it must be a number")
+    return float(value)
 
 
 def megatron_model_flags(arch: Architecture) -> list[str]:

@@ -33,7 +33,7 @@ class HFCheckpointReader:
         config_path = self.folder / "config.json"
         if not config_path.is_file():
             raise CheckpointToolError(f"{self.folder} has no config.json: not a HF model folder")
-        self.config: dict[str, Any] = json.loads(config_path.read_text())
+        self.config: dict[str, Any] = read_json_object(config_path)
         self._files: dict[str, Path] | None = None  # found on first use: config errors first
         self._handles: dict[Path, Any] = {}
         self.used: set[str] = set()
@@ -41,14 +41,18 @@ class HFCheckpointReader:
     def _tensor_files(self) -> dict[str, Path]:
         index = self.folder / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(file, str) for file in weight_map.values()
+            ):
+                raise CheckpointToolError(
+                    f'{index} has no "weight_map" object of tensor name -> file name: '
+                    "re-create it (transformers' save_pretrained writes it)"
+                )
             return {name: self.folder / file for name, file in weight_map.items()}
         single = self.folder / SINGLE_FILE
         if single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(single), "pt") as handle:
-                return dict.fromkeys(handle.keys(), single)
+            return dict.fromkeys(_open_safetensors(single).keys(), single)
         raise CheckpointToolError(
             f"{self.folder} has no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints "
             "are read; convert .bin files with transformers' save_pretrained first)."
@@ -69,20 +73,62 @@ class HFCheckpointReader:
         return set(self._file_of)
 
     def read(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         if name not in self._file_of:
             raise CheckpointToolError(f"{self.folder}: the checkpoint has no tensor {name}")
         path = self._file_of[name]
         if path not in self._handles:
-            self._handles[path] = safe_open(str(path), "pt")
+            if not path.is_file():
+                raise CheckpointToolError(f"{path} is missing (named by {INDEX_FILE})")
+            self._handles[path] = _open_safetensors(path)
         self.used.add(name)
-        return self._handles[path].get_tensor(name)
+        try:
+            return self._handles[path].get_tensor(name)
+        except Exception as error:  # safetensors raises its own error types
+            raise CheckpointToolError(
+                f"{path}: cannot read tensor {name} ({_first_line(error)}): the file is "
+                "damaged or incomplete; download or copy it again"
+            ) from None
 
     def unused(self) -> list[str]:
         return sorted(
             name for name in self.names - self.used if not name.endswith(IGNORABLE_SUFFIXES)
         )
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is one line naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CheckpointToolError(
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno} column "
+            f"{error.colno}): fix or re-download it"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointToolError(f"cannot read {path} ({_first_line(error)})") from None
+    if not isinstance(value, dict):
+        raise CheckpointToolError(
+            f"{path} holds a JSON {type(value).__name__}, not an object of settings: fix or "
+            "re-download it"
+        )
+    return value
+
+
+def _open_safetensors(path: Path) -> Any:
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), "pt")
+    except Exception as error:  # SafetensorError, OSError, ...
+        raise CheckpointToolError(
+            f"{path} is not a readable safetensors file ({_first_line(error)}): the file is "
+            "damaged or incomplete; download or copy it again"
+        ) from None
 
 
 def write_hf_checkpoint(

@@ -29,25 +29,86 @@ class TensorEntry:
     dtype: str
 
 
-def checkpoint_iteration_dir(save_dir: str | os.PathLike) -> Path:
-    """The folder of the iteration the tracker file names (``release`` or ``iter_XXXXXXX``)."""
+def iteration_folder_name(marker: str | int) -> str:
+    """megatron's folder name for a tracker value: ``release`` or ``iter_0000020``."""
+    return "release" if marker == "release" else f"iter_{int(marker):07d}"
+
+
+def saved_iterations(save_dir: str | os.PathLike) -> list[int]:
+    """The iterations that have an ``iter_XXXXXXX`` folder in ``save_dir``, ascending."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    found = []
+    for folder in save_dir.glob("iter_*"):
+        digits = folder.name.removeprefix("iter_")
+        if folder.is_dir() and digits.isdigit():
+            found.append(int(digits))
+    return sorted(found)
+
+
+def read_tracker(save_dir: str | os.PathLike) -> str | None:
+    """What ``latest_checkpointed_iteration.txt`` names: ``"release"``, an iteration number as
+    text, or None when the file does not exist (megatron then starts from scratch). An empty or
+    garbled file (a save or a copy that was cut short) raises :class:`CheckpointToolError`
+    naming the file and the fix; megatron itself prints ERROR and exits 0 (megatron-core
+    0.19.2 ``read_metadata``)."""
     save_dir = Path(save_dir)
     tracker = save_dir / TRACKER_FILE
     if not tracker.is_file():
+        return None
+    try:
+        marker = tracker.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointToolError(f"cannot read {tracker}: {error}") from None
+    if marker == "release" or (marker.isascii() and marker.isdigit()):
+        return marker
+    saved = saved_iterations(save_dir)
+    what = "is empty" if not marker else f"holds {marker[:40]!r}, not an iteration number"
+    if saved:
+        fix = (
+            f"write the iteration to resume from into it (the newest folder here is "
+            f"{iteration_folder_name(saved[-1])}: echo {saved[-1]} > {tracker})"
+        )
+    else:
+        fix = "there is no iter_* folder here: delete it to start from scratch"
+    raise CheckpointToolError(f"{tracker} {what} (an interrupted save or copy?): {fix}")
+
+
+def checkpoint_iteration_dir(save_dir: str | os.PathLike) -> Path:
+    """The folder of the iteration the tracker file names (``release`` or ``iter_XXXXXXX``)."""
+    save_dir = Path(save_dir)
+    marker = read_tracker(save_dir)
+    if marker is None:
         if (save_dir / "metadata.json").is_file():  # pointed at the iteration folder itself
             return save_dir
         raise CheckpointToolError(
             f"{save_dir} is not a megatron checkpoint directory: it has no {TRACKER_FILE} "
             "(pass the directory given to --save)."
         )
-    marker = tracker.read_text().strip()
-    folder = save_dir / ("release" if marker == "release" else f"iter_{int(marker):07d}")
+    folder = save_dir / iteration_folder_name(marker)
+    if not folder.is_dir():
+        raise CheckpointToolError(missing_iteration_message(save_dir, marker))
     if not (folder / "metadata.json").is_file():
         raise CheckpointToolError(
-            f"{folder} has no common.pt: only torch_dist (distributed) checkpoints are supported "
-            "(train with --ckpt-format torch_dist, megatron's default)."
+            f"{folder} has no metadata.json: only torch_dist (distributed) checkpoints are "
+            "supported (train with --ckpt-format torch_dist, megatron's default)."
         )
     return folder
+
+
+def missing_iteration_message(save_dir: str | os.PathLike, marker: str) -> str:
+    """The tracker names an iteration whose folder is not there."""
+    save_dir = Path(save_dir)
+    saved = saved_iterations(save_dir)
+    if saved:
+        fix = f"write a saved iteration into it (saved here: {', '.join(map(str, saved[-5:]))})"
+    else:
+        fix = "there is no iter_* folder here: delete it to start from scratch"
+    return (
+        f"{save_dir / TRACKER_FILE} names {marker} but {save_dir / iteration_folder_name(marker)} "
+        f"does not exist: {fix}"
+    )
 
 
 def read_common_state(save_dir: str | os.PathLike) -> dict[str, Any]:

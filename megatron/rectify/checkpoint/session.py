@@ -14,6 +14,7 @@ holds one session; the command-line tools are one process per command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -69,12 +70,17 @@ def _single_process_environment() -> None:
 
 
 def start_megatron(
-    flags: Sequence[str], padded_vocab_size: int | None = None, prog: str = "checkpoint tool"
+    flags: Sequence[str],
+    padded_vocab_size: int | None = None,
+    prog: str = "checkpoint tool",
+    routing_from_checkpoint: bool = True,
 ) -> argparse.Namespace:
     """Parse ``flags`` as ``pretrain_gpt_rectify.py`` would, then initialise megatron.
 
     ``padded_vocab_size``: the embedding rows to build. Conversions know it from the source
     checkpoint, so no tokenizer is built; ``None`` takes it from a ``--load`` checkpoint's args.
+    ``routing_from_checkpoint``: with ``--use-checkpoint-args``, restore the saved routing
+    (capacity, dispatcher, rectify...) too, not only the architecture.
     """
     if torch.cuda.is_available():
         raise CheckpointToolError(
@@ -91,8 +97,11 @@ def start_megatron(
 
     cpu_emulation.activate()
     _single_process_environment()
+    from megatron.rectify.checkpoint_args import architecture_only
+
     sys.argv = [prog, *CPU_EMULATION_DEFAULT_ARGS, *SESSION_DEFAULT_ARGS, *flags]
-    args = parse_and_validate_args(build_tokenizer=False, prog=prog)
+    with contextlib.nullcontext() if routing_from_checkpoint else architecture_only():
+        args = parse_and_validate_args(build_tokenizer=False, prog=prog)
     if padded_vocab_size is None:
         padded_vocab_size = _padded_vocab_size_of_checkpoint(args.load)
     args.padded_vocab_size = padded_vocab_size

@@ -2,7 +2,9 @@
 
 Everything comes from the checkpoint's saved args and its tensor metadata, so it works for a
 checkpoint of any size on any machine, and shows what a resumed run would rebuild - including
-the rectify settings, which megatron's ``--use-checkpoint-args`` does not restore.
+the rectify settings (restored by ``pretrain_gpt_rectify.py --use-checkpoint-args``, not by
+megatron's own). The shard files' tensor data is read only by :func:`verify_checkpoint`
+(``inspect.py --verify``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import argparse
 import os
 from typing import Any
 
+from megatron.rectify.checkpoint.errors import CheckpointToolError
 from megatron.rectify.checkpoint.layout import (
+    TensorEntry,
     checkpoint_iteration_dir,
     read_common_state,
     read_tensor_entries,
@@ -60,10 +64,33 @@ def _pick(args: argparse.Namespace, names: Any) -> dict[str, Any]:
     return {name: _plain(getattr(args, name, None)) for name in names}
 
 
-def checkpoint_summary(save_dir: str | os.PathLike, with_tensors: bool = True) -> dict[str, Any]:
-    state = read_common_state(save_dir)
+def _read_index_and_common_state(save_dir: str | os.PathLike) -> tuple[dict, list[TensorEntry]]:
+    """The common state and the tensor index; an unreadable file becomes one line naming it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron.rectify.checkpoint.integrity import quick_check
+
+    folder = checkpoint_iteration_dir(save_dir)
+    try:
+        return read_common_state(save_dir), read_tensor_entries(save_dir)
+    except CheckpointToolError:
+        raise
+    except (Exception, CheckpointException) as error:  # DCP's exception is a BaseException
+        problem = quick_check(folder)
+        if problem is None:
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            problem = f"{folder} cannot be read ({type(error).__name__}: {first})"
+        raise CheckpointToolError(f"{problem}; run with --verify on an earlier iteration's "
+                                  "copy, or restore the file") from None  # fmt: skip
+
+
+def checkpoint_summary(
+    save_dir: str | os.PathLike, with_tensors: bool = True, verify: bool = False
+) -> dict[str, Any]:
+    """What ``inspect.py`` prints; ``verify``: read every tensor of the shard files too
+    (otherwise only their sizes are checked against the index)."""
+    state, entries = _read_index_and_common_state(save_dir)
     args = state.get("args", argparse.Namespace())
-    entries = read_tensor_entries(save_dir)
     weights = [
         e for e in entries if not e.key.startswith("optimizer") and "_extra_state" not in e.key
     ]
@@ -86,6 +113,7 @@ def checkpoint_summary(save_dir: str | os.PathLike, with_tensors: bool = True) -
         "converted_from": _plain(getattr(args, "converted_from", None)),
         "parameters": parameters,
         "has_optimizer_state": any(e.key.startswith("optimizer") for e in entries),
+        "shards": check_shards(checkpoint_iteration_dir(save_dir), read_tensors=verify),
     }
     if with_tensors:
         summary["tensors"] = [
@@ -104,6 +132,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         + ", ".join(f"{label} {value}" for label, value in summary["trained_layout"].items()),
         "(distributed checkpoint: loads under any TP/PP/EP layout)",
     ]
+    shards = summary["shards"]
+    if shards["problem"]:
+        lines.append(f"shard files: BAD: {shards['problem']}")
+    elif not shards["tensor_data_read"]:
+        lines.append("shard files: sizes match the index; tensor data NOT read (--verify reads it)")
+    else:
+        lines.append(
+            f"shard files: verified, every tensor read ({shards['tensors']} tensors, "
+            f"{shards['bytes']:,} bytes)"
+            + ("; SHA-256 manifest matches" if shards["manifest_checked"] else "")
+        )
     if summary["converted_from"]:
         lines.append(f"converted from: {summary['converted_from']}")
     for section in ("model", "moe", "rectify"):
@@ -117,3 +156,25 @@ def format_summary(summary: dict[str, Any]) -> str:
             for t in summary["tensors"]
         ]
     return "\n".join(lines)
+
+
+def check_shards(folder: str | os.PathLike, read_tensors: bool = False) -> dict[str, Any]:
+    """The shard files of an iteration folder: their sizes against the index (cheap, always),
+    and with ``read_tensors`` every tensor read (see ``integrity.verify_tensors``)."""
+    import warnings
+
+    from megatron.rectify.checkpoint.integrity import quick_check, verify_tensors
+
+    if not read_tensors:
+        problem = quick_check(folder)
+        return {"tensor_data_read": False, "problem": str(problem) if problem else None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.distributed.checkpoint's deprecation notices
+        result = verify_tensors(folder)
+    return {
+        "tensor_data_read": True,
+        "problem": str(result.problem) if result.problem else None,
+        "tensors": result.tensors,
+        "bytes": result.bytes,
+        "manifest_checked": result.manifest_checked,
+    }

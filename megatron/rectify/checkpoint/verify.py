@@ -37,6 +37,7 @@ def verify_logits(options: argparse.Namespace, megatron_flags: list[str]) -> boo
             *megatron_flags,
         ],  # fmt: skip
         prog="convert_hf.py verify",
+        routing_from_checkpoint=False,  # dropless unless the caller gives the routing
     )
     if args.pipeline_model_parallel_size != 1:
         raise CheckpointToolError("verify runs with --pipeline-model-parallel-size 1")

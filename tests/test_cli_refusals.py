@@ -1,0 +1,344 @@
+"""Bad input to ``pretrain_gpt_rectify.py`` is refused before any model is built: exit status 2
+and one line ``pretrain_gpt_rectify.py: error: ...`` naming the flag or file and the fix.
+
+Most cases call the parse/validate step in-process (fast: megatron is imported once); two run
+the real script as one plain process (no launcher: a refusal happens before any process group).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PROG = "pretrain_gpt_rectify.py"
+BASE = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--seq-length", "64", "--max-position-embeddings", "64",
+    "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "20", "--lr", "1e-3",
+    "--num-experts", "4", "--moe-router-topk", "1", "--moe-router-pre-softmax",
+    "--moe-expert-capacity-factor", "1.0", "--moe-token-dispatcher-type", "alltoall",
+    "--moe-rectify", "ir+fr", "--moe-rectify-ir-trigger", "ignore_kth",
+    "--eval-interval", "10", "--eval-iters", "2", "--cpu-emulation",
+]  # fmt: skip
+NULL_TOKENIZER = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "256"]
+MOCK = ["--mock-data", *NULL_TOKENIZER]
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),  # megatron's argument warnings
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+]
+
+
+# ---- datasets -----------------------------------------------------------------------------------
+
+
+def _write(prefix: Path, documents: int, tokens: int) -> str:
+    from megatron.rectify.data import AtomicIndexedDatasetWriter
+
+    with AtomicIndexedDatasetWriter(prefix, np.uint16) as writer:
+        for document in range(documents):
+            writer.add_document((np.arange(tokens) + document) % 250)
+        writer.commit()
+    return str(prefix)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("data")
+    tiny = _write(root / "tiny", documents=5, tokens=100)
+    hundred = _write(root / "hundred", documents=100, tokens=20)
+    # Damaged copies of tiny: 100 of the .bin's 1000 token bytes lost, or the .idx cut short.
+    short_bin, short_idx = str(root / "short_bin"), str(root / "short_idx")
+    shutil.copy(tiny + ".idx", short_bin + ".idx")
+    Path(short_bin + ".bin").write_bytes(Path(tiny + ".bin").read_bytes()[:900])
+    shutil.copy(tiny + ".bin", short_idx + ".bin")
+    Path(short_idx + ".idx").write_bytes(Path(tiny + ".idx").read_bytes()[:100])
+    return {
+        "tiny": tiny,
+        "hundred": hundred,
+        "short_bin": short_bin,
+        "short_idx": short_idx,
+        "missing": str(root / "missing"),
+        "root": str(root),
+    }
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def parse(monkeypatch: pytest.MonkeyPatch):
+    """``parse(*flags, world_size=1)``: the script's parse/validate step on ``flags`` in this
+    process, up to (not including) megatron's global state; returns the args."""
+    import megatron.training.global_vars as megatron_globals
+
+    monkeypatch.setattr(megatron_globals, "set_global_variables", lambda *a, **k: None)
+
+    def run(*flags: str, world_size: int = 1):
+        from megatron.rectify.training import CPU_EMULATION_DEFAULT_ARGS, parse_and_validate_args
+
+        monkeypatch.setattr(sys, "argv", [PROG, *CPU_EMULATION_DEFAULT_ARGS, *BASE, *flags])
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        monkeypatch.setenv("RANK", "0")
+        return parse_and_validate_args(training_data=True)
+
+    return run
+
+
+@pytest.fixture
+def refusal(parse, capsys: pytest.CaptureFixture):
+    """``refusal(*flags)``: the one error line the parse/validate step ends with (exit 2)."""
+
+    def run(*flags: str, world_size: int = 1) -> str:
+        with pytest.raises(SystemExit) as exited:
+            parse(*flags, world_size=world_size)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2, err[-2000:]
+        assert "Traceback" not in err
+        errors = [line for line in err.splitlines() if f"{PROG}: error:" in line]
+        assert len(errors) == 1, err[-2000:]
+        assert err.strip().splitlines()[-1] == errors[0]
+        return errors[0]
+
+    return run
+
+
+@pytest.fixture
+def no_embedded_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import megatron.rectify.data as rectify_data
+
+    def refuse() -> str:
+        raise AssertionError("the embedded corpus must not be used when a data source is given")
+
+    monkeypatch.setattr(rectify_data, "ensure_embedded_corpus", refuse)
+
+
+def _script(*flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, str(REPO / PROG), *BASE, *flags]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _refused(run: subprocess.CompletedProcess) -> str:
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    line = run.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"{PROG}: error: "), run.stderr[-2000:]
+    return line
+
+
+# ---- item 2: the data source, decided from the parsed arguments ---------------------------------
+
+
+def test_data_path_with_equals_sign_is_not_replaced_by_the_embedded_corpus(data) -> None:
+    """The reported bug: ``--data-path=PREFIX`` trained on the embedded corpus, exit 0."""
+    line = _refused(_script(f"--data-path={data['missing']}", *NULL_TOKENIZER))
+    assert "--data-path" in line and data["missing"] in line
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--data-path={missing}"],
+        ["--data-path", "{missing}"],
+        ["--data-path", "0.3", "{tiny}", "0.7", "{missing}"],
+        ["--data-path", "{tiny}", "{missing}"],
+        ["--train-data-path={missing}"],
+        ["--train-data-path={hundred}", "--valid-data-path={missing}"],
+    ],
+)
+def test_a_missing_prefix_is_named(refusal, no_embedded_corpus, data, flags) -> None:
+    line = refusal(*(flag.format(**data) for flag in flags), *NULL_TOKENIZER)
+    flag = flags[-1].split("=")[0] if "=" in flags[-1] else "--data-path"
+    assert flag in line
+    assert data["missing"] in line and "preprocess_data.py" in line
+
+
+def test_a_data_file_instead_of_a_prefix_names_the_prefix(refusal, data) -> None:
+    line = refusal(f"--data-path={data['tiny']}.bin", *NULL_TOKENIZER)
+    assert f"give {data['tiny']} (without .bin)" in line
+
+
+def test_list_files_are_read_before_megatron_reads_them(refusal, no_embedded_corpus, data) -> None:
+    root = Path(data["root"])
+    assert "--data-args-path" in refusal(f"--data-args-path={root / 'nowhere'}", *NULL_TOKENIZER)
+    listing = root / "list.txt"
+    listing.write_text(f"0.5 {data['hundred']} 0.5 {data['missing']}\n")
+    line = refusal(f"--data-args-path={listing}", "--split", "90,5,5", *NULL_TOKENIZER)
+    assert f"--data-args-path {listing}" in line and data["missing"] in line
+    per_split = root / "per_split.json"
+    per_split.write_text(json.dumps({"train": data["hundred"], "valid": data["missing"]}))
+    line = refusal(f"--per-split-data-args-path={per_split}", *NULL_TOKENIZER)
+    assert "--per-split-data-args-path" in line and "'test'" in line
+    per_split.write_text(
+        json.dumps({"train": data["hundred"], "valid": data["missing"], "test": data["hundred"]})
+    )
+    line = refusal(f"--per-split-data-args-path={per_split}", *NULL_TOKENIZER)
+    assert f"--per-split-data-args-path {per_split} (valid)" in line and data["missing"] in line
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--mock-data"],
+        ["--data-path={hundred}", "--split=90,5,5"],
+        ["--train-data-path={hundred}", "--valid-data-path={hundred}"],
+        ["--data-args-path={root}/good.txt", "--split", "90,5,5"],
+        ["--per-split-data-args-path={root}/good.json"],
+    ],
+)
+def test_any_spelling_of_a_data_source_is_used_as_given(
+    parse, no_embedded_corpus, data, flags
+) -> None:
+    root = Path(data["root"])
+    (root / "good.txt").write_text(f"{data['hundred']}\n")
+    splits = {"train": data["hundred"], "valid": data["hundred"], "test": data["hundred"]}
+    (root / "good.json").write_text(json.dumps(splits))
+    args = parse(*(flag.format(**data) for flag in flags), *NULL_TOKENIZER)
+    assert args.tokenizer_type == "NullTokenizer"
+    if "--data-path=" in flags[0]:
+        assert args.data_path == [data["hundred"]]
+    else:
+        assert args.data_path is None
+
+
+def test_without_a_data_source_the_embedded_corpus_fills_only_what_is_missing(
+    parse, monkeypatch: pytest.MonkeyPatch, data
+) -> None:
+    import megatron.rectify.data as rectify_data
+
+    monkeypatch.setattr(rectify_data, "ensure_embedded_corpus", lambda: data["hundred"])
+    args = parse()
+    assert args.data_path == [data["hundred"]]
+    assert args.split == rectify_data.EMBEDDED_CORPUS_SPLIT
+    assert args.tokenizer_type == rectify_data.BYTE_LEVEL_TOKENIZER_TYPE
+    args = parse("--split=90,5,5", *NULL_TOKENIZER)
+    assert args.data_path == [data["hundred"]]
+    assert (args.split, args.tokenizer_type) == ("90,5,5", "NullTokenizer")
+
+
+# ---- item 4: a capacity factor that is not positive ---------------------------------------------
+
+
+@pytest.mark.parametrize("factor", ["-1", "0"])
+def test_rectification_refuses_a_capacity_factor_that_is_not_positive(refusal, factor) -> None:
+    line = refusal("--moe-expert-capacity-factor", factor, *MOCK)
+    assert "positive --moe-expert-capacity-factor" in line
+
+
+@pytest.mark.parametrize("factor", [-1.0, 0.0])
+def test_the_transformer_config_refuses_it_too(factor: float) -> None:
+    from megatron.rectify.config import RectifyConfigError, RectifyTransformerConfig
+
+    with pytest.raises(RectifyConfigError, match="positive --moe-expert-capacity-factor"):
+        RectifyTransformerConfig(
+            num_layers=1,
+            hidden_size=16,
+            num_attention_heads=4,
+            num_moe_experts=8,
+            moe_router_topk=2,
+            moe_expert_capacity_factor=factor,
+            moe_rectify="fr",
+        )
+
+
+# ---- item 8: a split megatron would build from no document --------------------------------------
+
+
+def test_megatrons_default_split_on_a_small_dataset_is_refused(data) -> None:
+    """Without the check megatron waits forever in GPTDataset._get_num_epochs."""
+    line = _refused(_script(f"--data-path={data['tiny']}", *NULL_TOKENIZER))
+    assert "--split '969, 30, 1' (megatron's default)" in line
+    assert "validation split" in line and "0 of its 5 documents" in line
+    assert "e.g. --split 60,20,20" in line
+
+
+def test_eval_iters_0_does_not_make_an_empty_split_acceptable(refusal, data) -> None:
+    line = refusal("--data-path", data["tiny"], "--eval-iters", "0", *NULL_TOKENIZER)
+    assert "--split" in line and "--eval-iters 0 does not avoid it" in line
+
+
+def test_an_empty_test_split_is_named_and_a_split_that_fits_is_accepted(
+    parse, refusal, data
+) -> None:
+    line = refusal("--data-path", data["tiny"], "--split", "90,5,5", *NULL_TOKENIZER)
+    assert "--split '90,5,5'" in line and "test split" in line
+    assert parse("--data-path", data["tiny"], "--split", "60,20,20", *NULL_TOKENIZER)
+    assert parse("--data-path", data["tiny"], "--split", "100,0,0", *NULL_TOKENIZER)
+
+
+def test_blends_need_tokens_where_megatron_asks_each_dataset_for_samples(
+    parse, refusal, data
+) -> None:
+    tiny, hundred = data["tiny"], data["hundred"]
+    # weighted: every dataset is asked for samples of every split, and tiny has no test document
+    line = refusal("--data-path", "1", tiny, "1", hundred, "--split", "90,5,5", *NULL_TOKENIZER)
+    assert "test split of " + tiny in line
+    # unweighted: one epoch of each dataset, blended by size; hundred's test documents suffice
+    assert parse("--data-path", tiny, hundred, "--split", "90,5,5", *NULL_TOKENIZER)
+
+
+def test_a_split_that_is_no_split_is_refused(refusal, data) -> None:
+    for split in ("0,0,0", "abc"):
+        line = refusal("--data-path", data["hundred"], "--split", split, *NULL_TOKENIZER)
+        assert f"--split '{split}'" in line
+
+
+# ---- item 10: top-k, expert parallelism, damaged data files -------------------------------------
+
+
+@pytest.mark.parametrize(("rectify", "topk"), [("ir+fr", "0"), ("none", "0"), ("ir", "5")])
+def test_top_k_out_of_range_is_named(refusal, rectify: str, topk: str) -> None:
+    line = refusal("--moe-rectify", rectify, "--moe-router-topk", topk, *MOCK)
+    assert f"--moe-router-topk {topk} is out of range for --num-experts 4" in line
+    assert "capacity" not in line
+
+
+def test_the_transformer_config_names_top_k_not_capacity() -> None:
+    from megatron.rectify.config import RectifyConfigError, RectifyTransformerConfig
+
+    with pytest.raises(RectifyConfigError) as error:
+        RectifyTransformerConfig(
+            num_layers=1,
+            hidden_size=16,
+            num_attention_heads=4,
+            num_moe_experts=8,
+            moe_router_topk=9,
+            moe_expert_capacity_factor=1.0,
+            moe_rectify="ir",
+        )
+    assert "--moe-router-topk 9" in str(error.value) and "capacity" not in str(error.value)
+
+
+def test_expert_parallel_size_must_divide_the_world_size(refusal) -> None:
+    line = refusal("--expert-model-parallel-size", "4", *MOCK, world_size=2)
+    assert "--expert-model-parallel-size 4" in line and "2 processes (WORLD_SIZE)" in line
+
+
+def test_experts_must_divide_over_expert_parallel_ranks(refusal) -> None:
+    line = refusal("--num-experts", "6", "--expert-model-parallel-size", "4", *MOCK, world_size=4)
+    assert "--num-experts 6 is not divisible by --expert-model-parallel-size 4" in line
+
+
+def test_expert_biases_with_expert_tensor_parallelism_are_refused(refusal) -> None:
+    """megatron-core 0.19.2 asserts this at model build (a traceback on every rank)."""
+    line = refusal("--tensor-model-parallel-size", "2", "--sequence-parallel", *MOCK, world_size=4)
+    assert "expert biases" in line and "--disable-bias-linear" in line
+    assert "--expert-tensor-parallel-size 1" in line
+
+
+@pytest.mark.parametrize(("name", "damaged"), [("short_bin", ".bin"), ("short_idx", ".idx")])
+def test_a_truncated_data_file_is_named(refusal, data, name: str, damaged: str) -> None:
+    line = refusal("--data-path", data[name], "--split", "60,20,20", *NULL_TOKENIZER)
+    assert f"{data[name]}{damaged} is truncated" in line and "preprocess_data.py" in line
