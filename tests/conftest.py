@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def cpu_emulation() -> ModuleType:
     """Activate the CPU emulation in the pytest process (irreversible for the session)."""
-    from megatron.rectify.testing import cpu_emulation as emulation
+    from megatron.rectify.dev import cpu_emulation as emulation
 
     emulation.activate()
     return emulation
@@ -59,7 +59,7 @@ def single_rank(request: pytest.FixtureRequest):
     """
     from megatron.core import parallel_state
 
-    from megatron.rectify.testing.multiprocess import find_free_port
+    from megatron.rectify.dev.multiprocess import find_free_port
 
     on_gpu = torch.cuda.is_available()
     if not on_gpu:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from tiny_checkpoint import BASE, copy_checkpoint, losses, ok, pretrain, saved_run
 
-from megatron.rectify.checkpoint_args import apply_checkpoint_routing, explicit_options
+from megatron.rectify.training.checkpoint_args import apply_checkpoint_routing, explicit_options
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -61,7 +61,10 @@ def test_an_explicit_flag_wins_with_a_note_when_it_differs(trained: tuple[Path, 
     # the explicit allgather won, and --moe-rectify ir+fr came from the checkpoint: refused
     assert run.returncode == 2, run.stderr[-3000:]
     error = run.stderr.strip().splitlines()[-1]
-    assert error.startswith("pretrain_gpt_rectify.py: error: --moe-rectify needs")
+    assert error.startswith("pretrain_gpt_rectify.py: error: --moe-rectify ir+fr needs")
+    assert "--moe-token-dispatcher-type alltoall" in error
+    errors = [line for line in run.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
 
 

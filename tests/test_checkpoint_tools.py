@@ -44,7 +44,7 @@ def _env() -> dict[str, str]:
 def run_tool(
     script: str, *args: str, nproc: int = 1, timeout: int = 300
 ) -> subprocess.CompletedProcess:
-    from megatron.rectify.testing.multiprocess import find_free_port
+    from megatron.rectify.dev.multiprocess import find_free_port
 
     launcher = [sys.executable]
     if nproc > 1:
@@ -453,7 +453,7 @@ MIXTRAL_LIKE_TRAINING = [
 
 
 def pretrain(*extra: str, nproc: int = 2) -> str:
-    from megatron.rectify.testing.multiprocess import find_free_port
+    from megatron.rectify.dev.multiprocess import find_free_port
 
     command = [
         sys.executable,

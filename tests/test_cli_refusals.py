@@ -84,7 +84,8 @@ def parse(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(megatron_globals, "set_global_variables", lambda *a, **k: None)
 
     def run(*flags: str, world_size: int = 1):
-        from megatron.rectify.training import CPU_EMULATION_DEFAULT_ARGS, parse_and_validate_args
+        from megatron.rectify.dev.mode import CPU_EMULATION_DEFAULT_ARGS
+        from megatron.rectify.training import parse_and_validate_args
 
         monkeypatch.setattr(sys, "argv", [PROG, *CPU_EMULATION_DEFAULT_ARGS, *BASE, *flags])
         monkeypatch.setenv("WORLD_SIZE", str(world_size))

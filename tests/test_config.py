@@ -71,3 +71,63 @@ def test_options_from_mode() -> None:
     assert RectifyOptions.from_mode("ir") == RectifyOptions(intra_gpu=True)
     assert RectifyOptions.from_mode("fr") == RectifyOptions(fill_in=True)
     assert not RectifyOptions.from_mode("none").enabled
+
+
+def test_one_table_gives_the_choices_the_literals_and_the_check() -> None:
+    import dataclasses
+    import typing
+
+    from megatron.rectify import config
+
+    assert config.RECTIFY_MODES == typing.get_args(config.RectifyMode)
+    assert config.RECTIFY_EVAL_MODES == ("train", *config.RECTIFY_MODES)
+    fields = {f.name: f.type for f in dataclasses.fields(RectifyOptions)}
+    assert fields["ir_trigger"] == "IntraGpuTrigger"  # the field is typed with the Literal
+    for flag, choice in config.CHOICES.items():
+        for value in choice.values:
+            config.check_choice(flag, value)
+        with pytest.raises(RectifyConfigError, match=f"unknown {choice.name} 'x' \\({flag}\\)"):
+            config.check_choice(flag, "x")
+
+
+def test_options_from_settings_with_an_evaluation_mode() -> None:
+    import argparse
+
+    from megatron.rectify.config import rectify_options_from_config
+
+    args = argparse.Namespace(
+        moe_rectify="none",
+        moe_rectify_ir_trigger="ignore_kth",
+        moe_rectify_fill_in_candidates="any",
+        moe_rectify_straight_through=False,
+        moe_token_drop_policy="position",
+    )
+    evaluation = rectify_options_from_config(args, mode="ir+fr")
+    assert evaluation == RectifyOptions(True, True, "ignore_kth", "any", False, "position")
+    training = rectify_options_from_config(args)  # the run's own mode: none
+    assert training == RectifyOptions(False, False, "ignore_kth", "any", False, "position")
+
+
+@pytest.mark.parametrize(
+    ("rectify", "evaluate", "dispatcher", "flag"),
+    [
+        ("ir", "train", "allgather", "--moe-rectify ir"),
+        ("none", "fr", "allgather", "--moe-rectify-eval fr"),
+        ("none", "none", "allgather", None),
+        ("none", "train", "allgather", None),
+        ("ir+fr", "ir", "alltoall", None),
+    ],
+)
+def test_rectifying_needs_alltoall(rectify: str, evaluate: str, dispatcher: str, flag) -> None:
+    import argparse
+
+    from megatron.rectify.config import dispatcher_problem
+
+    args = argparse.Namespace(
+        moe_rectify=rectify, moe_rectify_eval=evaluate, moe_token_dispatcher_type=dispatcher
+    )
+    problem = dispatcher_problem(args)
+    if flag is None:
+        assert problem is None
+    else:
+        assert problem.startswith(f"{flag} needs --moe-token-dispatcher-type alltoall")

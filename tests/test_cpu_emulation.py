@@ -1,4 +1,4 @@
-"""Tests of megatron.rectify.testing.cpu_emulation.
+"""Tests of megatron.rectify.dev.cpu_emulation.
 
 Activation patches the whole process irreversibly, so every scenario runs in a fresh interpreter
 (``_scenario_*`` below, executed by ``_run_scenario``) and reports its observations as JSON; the
@@ -29,7 +29,7 @@ def _scenario_torch_then_megatron() -> None:
     """Fresh process: refusal, logging, idempotence, tensors, RNG; megatron imported after."""
     import torch
 
-    from megatron.rectify.testing import cpu_emulation as emu
+    from megatron.rectify.dev import cpu_emulation as emu
 
     r: dict[str, Any] = {}
     original_empty = torch.empty
@@ -144,7 +144,7 @@ def _scenario_megatron_then_activate() -> None:
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
-    from megatron.rectify.testing import cpu_emulation as emu
+    from megatron.rectify.dev import cpu_emulation as emu
 
     os.environ[emu.ENV_VAR] = "1"
     r = {"from_env": emu.activate_from_env()}
@@ -200,7 +200,7 @@ def test_refuses_on_cuda_machine(scenarios: dict[str, dict[str, Any]]) -> None:
 def test_refusal_check_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from megatron.rectify.testing import cpu_emulation
+    from megatron.rectify.dev import cpu_emulation
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="refuses to activate"):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from megatron.rectify import data
+from megatron.rectify.data import embedded_corpus
 
 pytestmark = pytest.mark.filterwarnings("ignore:Could not determine rank:UserWarning")
 
@@ -28,13 +29,13 @@ SMALL = 300_000  # bytes of source text
 def build_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Records every real build (the cache entry it was for)."""
     calls: list[Path] = []
-    real = data._build_embedded_corpus
+    real = embedded_corpus._build_embedded_corpus
 
     def counting(entry, *args, **kwargs):
         calls.append(entry)
         return real(entry, *args, **kwargs)
 
-    monkeypatch.setattr(data, "_build_embedded_corpus", counting)
+    monkeypatch.setattr(embedded_corpus, "_build_embedded_corpus", counting)
     return calls
 
 
@@ -130,7 +131,7 @@ def test_failed_build_leaves_no_entry(tmp_path: Path, monkeypatch: pytest.Monkey
     def exploding_writer(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(data, "AtomicIndexedDatasetWriter", exploding_writer)
+    monkeypatch.setattr(embedded_corpus, "AtomicIndexedDatasetWriter", exploding_writer)
     with pytest.raises(OSError):
         data.ensure_embedded_corpus(tmp_path, max_bytes=SMALL)
     base = tmp_path / "embedded-stdlib"
@@ -144,14 +145,14 @@ def _ensure_in_child(cache_dir: str, queue) -> None:
 def test_concurrent_callers_build_once(tmp_path: Path, build_calls: list[Path]) -> None:
     # fork: children inherit the counting patch; they report builds through a shared file.
     marker = tmp_path / "builds.txt"
-    real = data._build_embedded_corpus
+    real = embedded_corpus._build_embedded_corpus
 
     def logging_build(entry, *args, **kwargs):
         with open(marker, "a") as fh:
             fh.write(f"{entry}\n")
         return real(entry, *args, **kwargs)
 
-    data._build_embedded_corpus = logging_build  # restored by the build_calls fixture
+    embedded_corpus._build_embedded_corpus = logging_build  # restored by the build_calls fixture
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_ensure_in_child, args=(str(tmp_path), queue)) for _ in range(3)]

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron.rectify import data, training
+from megatron.rectify import data
+from megatron.rectify.training import gpt_recipe
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Could not determine rank:UserWarning"),
@@ -53,7 +54,7 @@ def build_datasets(
         "get_blend_and_blend_per_split",
         lambda _: (([prefix], None), None),
     )
-    splits = training.train_valid_test_datasets_provider(SAMPLES)
+    splits = gpt_recipe.train_valid_test_datasets_provider(SAMPLES)
     return [
         np.stack([np.asarray(split[i]["tokens"]) for i in range(n)])
         for split, n in zip(splits, SAMPLES, strict=True)

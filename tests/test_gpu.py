@@ -20,7 +20,7 @@ HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 def nccl_world():
     from megatron.core import parallel_state
 
-    from megatron.rectify.testing.multiprocess import find_free_port
+    from megatron.rectify.dev.multiprocess import find_free_port
 
     torch.cuda.set_device(0)
     torch.distributed.init_process_group(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import moe_layer_cases as cases
 import pytest
 
-from megatron.rectify.testing.multiprocess import run_distributed
+from megatron.rectify.dev.multiprocess import run_distributed
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""Tests of megatron.rectify.testing.multiprocess.run_distributed (gloo, CPU emulation).
+"""Tests of megatron.rectify.dev.multiprocess.run_distributed (gloo, CPU emulation).
 
 Rank bodies are module-level functions so that they can be pickled. Most tests use the default
 forkserver start method (megatron imported once, before emulation); one uses spawn (emulation
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from megatron.rectify.testing.multiprocess import DistributedTestError, run_distributed
+from megatron.rectify.dev.multiprocess import DistributedTestError, run_distributed
 
 pytestmark = pytest.mark.multiprocess
 

@@ -19,12 +19,8 @@ from megatron.core.transformer.moe.moe_utils import get_capacity, permute, unper
 
 from megatron.rectify.config import RectifyConfigError, RectifyOptions, RectifyTransformerConfig
 from megatron.rectify.reference import reference_rectified_routing
-from megatron.rectify.routing import (
-    RectifiedRouting,
-    capacity_padding,
-    rectified_routing,
-    routing_statistics,
-)
+from megatron.rectify.routing import RectifiedRouting, capacity_padding, rectified_routing
+from megatron.rectify.statistics import routing_statistics
 
 NUM_TOKENS, NUM_EXPERTS, CAPACITY_FACTOR = 24, 6, 0.75
 # Skewed router: experts 0/1 overflow (drops, IR work), experts 4/5 stay short (vacancies).
@@ -381,7 +377,7 @@ def test_router_refuses_a_capacity_rounded_past_the_tokens(mode: str) -> None:
 def test_every_rank_dispatches_exactly_c_per_column(case: dict) -> None:
     import moe_layer_cases as cases
 
-    from megatron.rectify.testing.multiprocess import run_distributed
+    from megatron.rectify.dev.multiprocess import run_distributed
 
     results = run_distributed(
         cases.dispatched_column_counts,

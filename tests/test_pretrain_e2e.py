@@ -87,7 +87,7 @@ def _env() -> dict[str, str]:
 
 
 def torchrun(nproc: int, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    from megatron.rectify.testing.multiprocess import find_free_port
+    from megatron.rectify.dev.multiprocess import find_free_port
 
     command = [
         sys.executable,

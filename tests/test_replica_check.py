@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron.rectify.testing.multiprocess import run_distributed
+from megatron.rectify.dev.multiprocess import run_distributed
 
 pytestmark = pytest.mark.multiprocess
 
@@ -12,16 +12,15 @@ pytestmark = pytest.mark.multiprocess
 def _check(rank: int, world_size: int, diverge: bool) -> str:
     import torch
 
-    from megatron.rectify import training
+    from megatron.rectify.dev.replica_check import check_data_parallel_replicas
 
     model = torch.nn.Linear(4, 4)
     torch.nn.init.constant_(model.weight, 1.0)
     if diverge and rank == 1:
         with torch.no_grad():
             model.weight[0, 0] += 1e-6
-    training._LIVE_MODELS[:] = [model]
     try:
-        training.check_data_parallel_replicas()
+        check_data_parallel_replicas([model])
     except RuntimeError as error:
         return f"error: {error}"
     return "ok"

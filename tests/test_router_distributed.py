@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron.rectify.testing.multiprocess import run_distributed
+from megatron.rectify.dev.multiprocess import run_distributed
 
 pytestmark = [pytest.mark.multiprocess]
 

@@ -1,4 +1,4 @@
-"""Hand-worked examples, one per rule of shared/docs/rectify-spec.md, for the pure routing math."""
+"""Hand-worked examples, one per rule of docs/routing.md, for the pure routing math."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from megatron.rectify.routing import (
     intra_gpu_rectification,
     rectified_gate_weights,
     rectified_routing,
-    routing_statistics,
     topk_indices_to_map,
 )
+from megatron.rectify.statistics import routing_statistics
 
 
 def pairs(bool_map: torch.Tensor) -> set[tuple[int, int]]:

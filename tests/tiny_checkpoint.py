@@ -55,7 +55,7 @@ def env() -> dict[str, str]:
 def pretrain(*args: str, torchrun: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     """``pretrain_gpt_rectify.py *args``: under torchrun (one process), or as a plain python
     call for runs that must stop before megatron starts."""
-    from megatron.rectify.testing.multiprocess import find_free_port
+    from megatron.rectify.dev.multiprocess import find_free_port
 
     launcher = [sys.executable]
     if torchrun:

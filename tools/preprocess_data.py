@@ -239,7 +239,7 @@ def _validate(args: argparse.Namespace) -> None:
     if len(set(args.json_keys)) != len(args.json_keys):
         raise PreprocessError(f"--json-keys has duplicates: {' '.join(args.json_keys)}")
     if args.tokenizer_type == "HuggingFaceTokenizer":
-        from megatron.rectify.data import _require_transformers
+        from megatron.rectify.data.tokenizer import _require_transformers
 
         try:
             _require_transformers(args)  # the check training uses too

@@ -18,6 +18,6 @@ Parts (one module each), all driven by ``python -m benchmarks.perf`` (:mod:`.run
   :mod:`.plots` for the PNG plots).
 
 CPU machines run the ranks as gloo processes under the CPU emulation
-(:func:`megatron.rectify.testing.multiprocess.run_distributed`); GPU machines run the same code
+(:func:`megatron.rectify.dev.multiprocess.run_distributed`); GPU machines run the same code
 under ``torchrun`` (NCCL, one process per GPU), see ``scripts/gpu_check.sh``.
 """

@@ -195,7 +195,7 @@ def launch(fn: Callable[..., Any], ep: int, *, timeout_s: float = 3600.0, **kwar
     """
     if launched_by_torchrun():
         return _launch_in_torchrun(fn, ep, **kwargs)
-    from megatron.rectify.testing.multiprocess import run_distributed
+    from megatron.rectify.dev.multiprocess import run_distributed
 
     return run_distributed(
         fn, ep, expert_model_parallel_size=ep, timeout_s=timeout_s, seed=SEED, **kwargs

@@ -19,13 +19,15 @@ points only (``moe_layer.add_routing_observer``, ``RectifyRouter.set_unit_gate``
   process or checkpoint is needed. Lines read ``... on test set [eval rectify ir] | lm loss ...``;
 * with ``--quality-unit-gate`` (also removed before megatron parses), the routers' gate-scaling
   control switched on before the first forward (``RectifyRouter.set_unit_gate``: vanilla top-1
-  weights ``1 + p - sg(p)``, as a rectified top-1 router does).
+  weights ``1 + p - sg(p)``, as a rectified top-1 router does), through the entry point's
+  ``training.add_model_built_callback``.
 
 Then it runs ``megatron.rectify.training.main`` unchanged. Launch it exactly like
 ``pretrain_gpt_rectify.py`` (torchrun, same flags). What still wraps code that is not ours:
-megatron's ``evaluate_and_print_results`` (the extra passes) and, with ``--moe-use-upcycling``,
-megatron's ``load_and_upcycle_model`` plus the product's ``training.model_provider`` (two
-megatron-core 0.19.2 bugs, see ``allow_megatron_upcycling``).
+megatron's ``evaluate_and_print_results`` (the extra passes, benchmark-only). Upcycling
+(``--moe-use-upcycling``) needs nothing here: the product handles megatron-core 0.19.2's two
+bugs on that path itself (``megatron_patches.fix_upcycling_load_keyword``, and the model
+provider's dense-model settings).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def dropless_statistics(probs: torch.Tensor, routing_map: torch.Tensor, topk: in
     this keeps the benchmark's dropless rows at their true 0 % until the product counts
     dropless top-k calls itself.
     """
-    from megatron.rectify.routing import RoutingStatistics
+    from megatron.rectify.statistics import RoutingStatistics
 
     num_tokens = routing_map.shape[0]
     kept_map = routing_map & (probs.detach() != 0)
@@ -108,15 +110,15 @@ def print_eval_summary() -> None:
     """Per MoE layer: routing rates over every evaluation call (first data-parallel rank)."""
     from megatron.core import parallel_state
 
-    from megatron.rectify.moe_layer import LIVE_LAYERS
-    from megatron.rectify.routing import routing_rates
+    from megatron.rectify.statistics import routing_rates
+    from megatron.rectify.training.built_models import BUILT_MODELS
 
     if (
         parallel_state.get_data_parallel_rank() != 0
         or parallel_state.get_tensor_model_parallel_rank()
     ):
         return
-    layers = sorted(LIVE_LAYERS, key=lambda layer: layer.layer_number or 0)
+    layers = BUILT_MODELS.moe_layers()
     observed = [(layer.layer_number, _eval_totals.get(layer, {})) for layer in layers]
     if not any(per_label for _, per_label in observed):
         return
@@ -173,89 +175,29 @@ def pop_flag(argv: list[str], flag: str) -> bool:
 
 
 def install_unit_gate() -> None:
-    """Switch every router's gate-scaling control on (``RectifyRouter.set_unit_gate``) before
-    the model's first forward.
+    """Switch every router's gate-scaling control on (``RectifyRouter.set_unit_gate``) in each
+    model chunk the training entry point builds, before the chunk's first forward."""
+    from megatron.rectify.moe_layer import RectifyMoELayer
+    from megatron.rectify.training import add_model_built_callback
 
-    The model is built inside the training entry point, which offers no hook on the built
-    model; every MoE layer is registered in ``moe_layer.LIVE_LAYERS`` when constructed, and the
-    whole model is built before anything runs forward, so a global forward pre-hook reaches
-    every router before its first call and then removes itself.
-    TODO(product hook): a callback on the built model in the training entry point (e.g.
-    ``training.add_model_built_callback(fn)``, called with each model chunk) would replace it.
-    """
-    from megatron.rectify.moe_layer import LIVE_LAYERS
+    def switch_on(model: torch.nn.Module) -> None:
+        for module in model.modules():
+            if isinstance(module, RectifyMoELayer):
+                module.router.set_unit_gate(True)
 
-    def switch_on(module: torch.nn.Module, inputs: Any) -> None:
-        if not LIVE_LAYERS:
-            return  # a forward before the MoE model exists: wait for the model's
-        handle.remove()
-        for layer in list(LIVE_LAYERS):
-            layer.router.set_unit_gate(True)
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(switch_on)
-
-
-#: Settings that only mean something for an MoE model, and their dense-model values.
-_MOE_ONLY_ARGS = {"moe_ffn_hidden_size": None, "moe_rectify": "none", "moe_rectify_eval": "train"}
-
-
-def allow_megatron_upcycling() -> None:
-    """Work around two bugs of megatron-core 0.19.2's ``--moe-use-upcycling`` path:
-
-    * to build the dense model it sets ``args.num_experts = None`` but leaves
-      ``moe_ffn_hidden_size`` (filled in by its own argument validation), which
-      ``TransformerConfig`` refuses ("moe_ffn_hidden_size is set but num_moe_experts is None"):
-      hidden while the dense model is built, and so is ``--moe-rectify`` (a dense model has no
-      router to rectify; our config check would refuse it the same way);
-    * it calls ``load_checkpoint(model=...)`` but the function's parameter is ``ddp_model``.
-    """
-    from megatron.core.transformer.moe import upcycling_utils
-
-    from megatron.rectify import training
-
-    upcycle = upcycling_utils.load_and_upcycle_model
-
-    def load_and_upcycle_model(*args: Any, load_kwargs: dict | None = None, **kwargs: Any):
-        load_kwargs = dict(load_kwargs or {})
-        if "model" in load_kwargs:
-            load_kwargs["ddp_model"] = load_kwargs.pop("model")
-        return upcycle(*args, load_kwargs=load_kwargs, **kwargs)
-
-    upcycling_utils.load_and_upcycle_model = load_and_upcycle_model
-
-    provider = training.model_provider
-
-    def model_provider(*args: Any, **kwargs: Any):
-        from megatron.training import get_args
-
-        megatron_args = get_args()
-        saved = {name: getattr(megatron_args, name) for name in _MOE_ONLY_ARGS}
-        if megatron_args.num_experts is None:  # megatron is building the dense model
-            for name, dense_value in _MOE_ONLY_ARGS.items():
-                setattr(megatron_args, name, dense_value)
-        try:
-            return provider(*args, **kwargs)
-        finally:
-            for name, value in saved.items():
-                setattr(megatron_args, name, value)
-
-    training.model_provider = model_provider
+    add_model_built_callback(switch_on)
 
 
 def eval_options(args: Any, mode: str):
     """``RectifyOptions`` for an extra evaluation pass, from the run's own rectify flags."""
-    from megatron.rectify.config import RectifyOptions
+    import copy
 
-    trigger = args.moe_rectify_ir_trigger
-    if trigger == "any" and "fr" in mode:
-        trigger = "ignore_kth"  # `any` with FR is refused; ignore_kth is its FR form
-    return RectifyOptions.from_mode(
-        mode,
-        ir_trigger=trigger,
-        fill_in_candidates=args.moe_rectify_fill_in_candidates,
-        straight_through=args.moe_rectify_straight_through,
-        drop_policy=args.moe_token_drop_policy,
-    )
+    from megatron.rectify.config import rectify_options_from_config
+
+    if args.moe_rectify_ir_trigger == "any" and "fr" in mode:
+        args = copy.copy(args)  # `any` with FR is refused; ignore_kth is its FR form
+        args.moe_rectify_ir_trigger = "ignore_kth"
+    return rectify_options_from_config(args, mode)
 
 
 def install_extra_evaluations(modes: list[str]) -> None:
@@ -294,22 +236,18 @@ def install_extra_evaluations(modes: list[str]) -> None:
 
 def main() -> None:
     """Observe, then run the project's training entry point unchanged."""
-    from megatron.rectify.training import cpu_emulation_requested
+    from megatron.rectify.dev.mode import activate_cpu_emulation, cpu_emulation_requested
     from megatron.rectify.training import main as pretrain_main
 
     modes = pop_eval_modes(sys.argv)
     unit_gate = pop_flag(sys.argv, UNIT_GATE_FLAG)
     if cpu_emulation_requested():  # before megatron's modules load, as the entry point does
-        from megatron.rectify.testing import cpu_emulation
-
-        cpu_emulation.activate()
+        activate_cpu_emulation()
     install_observer()
     if unit_gate:
         install_unit_gate()
     if modes:
         install_extra_evaluations(modes)
-    if "--moe-use-upcycling" in sys.argv:
-        allow_megatron_upcycling()
     pretrain_main()
     print_eval_summary()
 

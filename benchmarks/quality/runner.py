@@ -37,6 +37,7 @@ from typing import Any
 
 from benchmarks.quality.logparse import AS_TRAINED, parse_log
 from benchmarks.quality.plan import RunSpec, Settings, run_key, training_args
+from megatron.rectify.atomic import write_text_atomically
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "benchmarks" / "quality" / "pretrain_observed.py"
@@ -145,7 +146,7 @@ def prepare_fork_launcher() -> None:
     try:
         os.dup2(null, 1)
         os.dup2(null, 2)
-        from megatron.rectify.testing import cpu_emulation
+        from megatron.rectify.dev import cpu_emulation
 
         cpu_emulation.activate()
         import megatron.core.datasets.blended_megatron_dataset_builder  # noqa: F401
@@ -318,7 +319,5 @@ def execute(
     )
     if not spec.dense:  # only the dense model is ever loaded again
         shutil.rmtree(directory / "checkpoint", ignore_errors=True)
-    temporary = directory / f"{RESULT}.tmp"
-    temporary.write_text(json.dumps(record, indent=1))
-    temporary.rename(directory / RESULT)
+    write_text_atomically(directory / RESULT, json.dumps(record, indent=1))
     return record

@@ -4,6 +4,11 @@ This module owns the user-facing vocabulary of the method (``--moe-rectify`` and
 checks that turn a bad combination into one clear, early error that names the flag and the fix.
 It does not touch tensors, process groups or CUDA.
 
+One source for each fact: :data:`CHOICES` (every choice-valued flag: its values, from the
+``Literal`` types, for argparse and validation), :func:`rectify_options_from_config` (the only
+place options are built from settings), :func:`mode_rectifies` / :func:`rectifying_modes`
+("does this rectify?") and :func:`dispatcher_problem` (rectification runs on alltoall only).
+
 Two objects live here:
 
 * :class:`RectifyOptions` - a small frozen value object that the pure routing math receives.
@@ -16,18 +21,48 @@ Two objects live here:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, get_args
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-RECTIFY_MODES = ("none", "ir", "fr", "ir+fr")
-IR_TRIGGERS = ("all", "any", "ignore_kth")
-FILL_IN_CANDIDATES = ("next", "any")
-DROP_POLICIES = ("probs", "position")
-
 RectifyMode = Literal["none", "ir", "fr", "ir+fr"]
+#: ``--moe-rectify-eval``: a mode for evaluation passes, or ``train`` (as in training).
+RectifyEvalMode = Literal["train", RectifyMode]
 IntraGpuTrigger = Literal["all", "any", "ignore_kth"]
 FillInCandidates = Literal["next", "any"]
+DropPolicy = Literal["probs", "position"]
+
+
+class Choice(NamedTuple):
+    """A setting with a fixed set of values: what messages call it, and its values."""
+
+    name: str
+    values: tuple[str, ...]
+
+
+#: The one table of choice-valued settings, by flag. The values come from the ``Literal`` types
+#: above (which also type the dataclass fields); the argparse ``choices`` (the tuples below) and
+#: every validation (:func:`check_choice`: options, routing math, reference) read them here.
+CHOICES: dict[str, Choice] = {
+    flag: Choice(name, get_args(literal))
+    for flag, name, literal in (
+        ("--moe-rectify", "rectify mode", RectifyMode),
+        ("--moe-rectify-eval", "evaluation rectify mode", RectifyEvalMode),
+        ("--moe-rectify-ir-trigger", "IR trigger", IntraGpuTrigger),
+        ("--moe-rectify-fill-in-candidates", "fill-in candidate set", FillInCandidates),
+        ("--moe-token-drop-policy", "drop policy", DropPolicy),
+    )
+}
+RECTIFY_MODES = CHOICES["--moe-rectify"].values
+RECTIFY_EVAL_MODES = CHOICES["--moe-rectify-eval"].values
+IR_TRIGGERS = CHOICES["--moe-rectify-ir-trigger"].values
+FILL_IN_CANDIDATES = CHOICES["--moe-rectify-fill-in-candidates"].values
+DROP_POLICIES = CHOICES["--moe-token-drop-policy"].values
+
+#: The flags that switch rectification on (training, evaluation passes), in that order.
+MODE_FLAGS = ("--moe-rectify", "--moe-rectify-eval")
+#: The one megatron token dispatcher rectified routing runs with (megatron selects it by name).
+ALLTOALL = "alltoall"
 
 
 class RectifyConfigError(ValueError):
@@ -58,14 +93,12 @@ class RectifyOptions:
     ir_trigger: IntraGpuTrigger = "all"
     fill_in_candidates: FillInCandidates = "next"
     straight_through: bool = True
-    drop_policy: Literal["probs", "position"] = "probs"
+    drop_policy: DropPolicy = "probs"
 
     def __post_init__(self) -> None:
-        _check_choice("--moe-rectify-ir-trigger", self.ir_trigger, IR_TRIGGERS)
-        _check_choice(
-            "--moe-rectify-fill-in-candidates", self.fill_in_candidates, FILL_IN_CANDIDATES
-        )
-        _check_choice("--moe-token-drop-policy", self.drop_policy, DROP_POLICIES)
+        check_choice("--moe-rectify-ir-trigger", self.ir_trigger)
+        check_choice("--moe-rectify-fill-in-candidates", self.fill_in_candidates)
+        check_choice("--moe-token-drop-policy", self.drop_policy)
         if self.intra_gpu and self.fill_in and self.ir_trigger == "any":
             raise RectifyConfigError(
                 "--moe-rectify-ir-trigger any with fill-in rectification would send almost "
@@ -81,13 +114,58 @@ class RectifyOptions:
     @classmethod
     def from_mode(cls, mode: str, **kwargs: Any) -> RectifyOptions:
         """Build options from a ``--moe-rectify`` mode: ``none``, ``ir``, ``fr`` or ``ir+fr``."""
-        _check_choice("--moe-rectify", mode, RECTIFY_MODES)
-        return cls(intra_gpu="ir" in mode.split("+"), fill_in="fr" in mode.split("+"), **kwargs)
+        check_choice("--moe-rectify", mode)
+        parts = _mode_parts(mode)
+        return cls(intra_gpu="ir" in parts, fill_in="fr" in parts, **kwargs)
 
 
-def _check_choice(flag: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise RectifyConfigError(f"{flag} got {value!r}; choose one of: {', '.join(allowed)}.")
+def _mode_parts(mode: str) -> set[str]:
+    """``ir+fr`` -> {"ir", "fr"}: the rectifications a mode turns on (``none``, ``train``: none)."""
+    return set(mode.split("+")) & {"ir", "fr"}
+
+
+def check_choice(flag: str, value: object) -> None:
+    """Raise :class:`RectifyConfigError` (a ``ValueError``) unless ``value`` is one of the
+    values :data:`CHOICES` lists for ``flag``; the message names the setting, flag and values."""
+    choice = CHOICES[flag]
+    if value not in choice.values:
+        raise RectifyConfigError(
+            f"unknown {choice.name} {value!r} ({flag}); choose one of: {', '.join(choice.values)}."
+        )
+
+
+def mode_rectifies(mode: str) -> bool:
+    """Whether a ``--moe-rectify`` / ``--moe-rectify-eval`` value turns rectification on
+    (``none`` does not, nor ``train``: evaluation as in training)."""
+    return bool(_mode_parts(mode))
+
+
+def rectifying_modes(config: Any) -> dict[str, str]:
+    """The flags of :data:`MODE_FLAGS` whose value in ``config`` (parsed args, or a config,
+    which has no ``moe_rectify_eval``) turns rectification on: ``{flag: mode}``, empty when
+    nothing is rectified."""
+    modes = {flag: getattr(config, flag[2:].replace("-", "_"), None) for flag in MODE_FLAGS}
+    return {flag: mode for flag, mode in modes.items() if mode and mode_rectifies(mode)}
+
+
+def uses_alltoall_dispatcher(config: Any) -> bool:
+    """Whether ``config`` selects megatron's alltoall dispatcher: the only one that rectified
+    routing runs with, and the one ``RectifyMoELayer`` replaces by the rectified dispatcher."""
+    return getattr(config, "moe_token_dispatcher_type", None) == ALLTOALL
+
+
+def dispatcher_problem(config: Any) -> str | None:
+    """The message when ``config`` rectifies (in training or, for parsed args, evaluation) with
+    a token dispatcher other than alltoall, else None."""
+    modes = rectifying_modes(config)
+    if not modes or uses_alltoall_dispatcher(config):
+        return None
+    flag, mode = next(iter(modes.items()))
+    return (
+        f"{flag} {mode} needs --moe-token-dispatcher-type {ALLTOALL} (got "
+        f"{getattr(config, 'moe_token_dispatcher_type', None)!r}): only the rectified alltoall "
+        "dispatcher keeps intra-GPU-rectified tokens off the all-to-all."
+    )
 
 
 def validate_rectify_settings(config: Any) -> None:
@@ -172,10 +250,13 @@ def validate_rectify_settings(config: Any) -> None:
         )
 
 
-def rectify_options_from_config(config: Any) -> RectifyOptions:
-    """Read ``RectifyOptions`` from a config or args object (missing fields mean 'off')."""
+def rectify_options_from_config(config: Any, mode: str | None = None) -> RectifyOptions:
+    """Read ``RectifyOptions`` from a config or args object (missing fields mean 'off').
+
+    The one place options are built from settings: ``mode`` replaces ``config.moe_rectify``
+    (evaluation passes rectify in another mode with the run's other settings)."""
     return RectifyOptions.from_mode(
-        getattr(config, "moe_rectify", "none"),
+        getattr(config, "moe_rectify", "none") if mode is None else mode,
         ir_trigger=getattr(config, "moe_rectify_ir_trigger", "all"),
         fill_in_candidates=getattr(config, "moe_rectify_fill_in_candidates", "next"),
         straight_through=getattr(config, "moe_rectify_straight_through", True),

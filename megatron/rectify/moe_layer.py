@@ -29,7 +29,6 @@ CUDA-graph capture, execution maps). From ``preprocess`` on, the decision is an 
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -43,21 +42,22 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron.rectify.config import RectifyConfigError, rectify_options_from_config
+from megatron.rectify.config import (
+    RectifyConfigError,
+    dispatcher_problem,
+    uses_alltoall_dispatcher,
+)
 from megatron.rectify.router import RectifyRouter
-from megatron.rectify.routing import (
+from megatron.rectify.routing import RectifiedRouting
+from megatron.rectify.statistics import (
     RATE_TOTALS,
-    RectifiedRouting,
     RoutingStatistics,
     max_over_mean_load,
     routing_rates,
 )
-from megatron.rectify.token_dispatcher import (
-    MoERectifyAlltoAllTokenDispatcher,
-    uses_alltoall_dispatcher,
-)
+from megatron.rectify.token_dispatcher import MoERectifyAlltoAllTokenDispatcher
 
-#: The rates of ``routing.RATES`` that the training log carries (``lost`` is only summarised by
+#: The rates of ``statistics.RATES`` that the training log carries (``lost`` is only summarised by
 #: the quality benchmark), plus the load imbalance.
 LOGGED_RATES = ("dropped_pct", "padded_pct", "filled_in_pct", "rectified_pct")
 
@@ -71,9 +71,6 @@ STATISTIC_NAMES = (
     "rectify_max_over_mean_load",
 )
 
-
-#: Every live rectified layer, so that the training entry point can print a per-layer summary.
-LIVE_LAYERS: weakref.WeakSet = weakref.WeakSet()
 
 #: ``observer(layer, stats, training)``; see ``add_routing_observer``.
 RoutingObserver = Callable[["RectifyMoELayer", RoutingStatistics | None, bool], None]
@@ -131,13 +128,9 @@ class RectifyMoELayer(MoELayer):
         is_mtp_layer: bool = False,
         name: str | None = None,
     ) -> None:
-        options = rectify_options_from_config(config)
-        if options.enabled and not uses_alltoall_dispatcher(config):
-            raise RectifyConfigError(
-                f"--moe-rectify {config.moe_rectify} needs --moe-token-dispatcher-type alltoall "
-                f"(got {config.moe_token_dispatcher_type!r}): only the rectified alltoall "
-                "dispatcher keeps intra-GPU-rectified tokens off the all-to-all."
-            )
+        problem = dispatcher_problem(config)
+        if problem:
+            raise RectifyConfigError(problem)
         if submodules is not None and submodules.router is TopKRouter:
             submodules = dataclasses.replace(submodules, router=RectifyRouter)
         if pg_collection is None:
@@ -158,7 +151,6 @@ class RectifyMoELayer(MoELayer):
         self.cumulative_statistics: dict[str, torch.Tensor] = {}
         # The route -> preprocess hand-off (see the module docstring's NOTE).
         self._decision_for_preprocess: RectifiedRouting | None = None
-        LIVE_LAYERS.add(self)
 
     @maybe_skip_or_early_return_by_cudagraph("route")
     def route(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None):

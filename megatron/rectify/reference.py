@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from megatron.rectify.config import IR_TRIGGERS, RectifyOptions
+from megatron.rectify.config import RectifyOptions, check_choice
 from megatron.rectify.routing import RectifiedRouting
 
 
@@ -79,8 +79,8 @@ def reference_rectified_routing(
     # (3) intra-GPU rectification.
     ir_expert = [-1] * num_tokens
     multiplicity = [0] * num_tokens
-    if options.intra_gpu and options.ir_trigger not in IR_TRIGGERS:
-        raise ValueError(f"unknown IR trigger {options.ir_trigger!r}; use one of {IR_TRIGGERS}")
+    if options.intra_gpu:
+        check_choice("--moe-rectify-ir-trigger", options.ir_trigger)
     if options.intra_gpu:
         for t in range(num_tokens):
             lost = sum(1 for e in choices[t] if (t, e) not in kept)

@@ -59,14 +59,10 @@ from megatron.rectify.config import (
     RectifyConfigError,
     RectifyOptions,
     rectify_options_from_config,
+    uses_alltoall_dispatcher,
 )
-from megatron.rectify.routing import (
-    RectifiedRouting,
-    RoutingStatistics,
-    rectified_routing,
-    routing_statistics,
-)
-from megatron.rectify.token_dispatcher import uses_alltoall_dispatcher
+from megatron.rectify.routing import RectifiedRouting, rectified_routing
+from megatron.rectify.statistics import RoutingStatistics, routing_statistics
 
 #: megatron's routing types that are not top-k-with-capacity (no drop rate to report).
 _NOT_TOPK_ROUTING = ("sinkhorn", "quantile_balancing")

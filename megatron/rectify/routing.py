@@ -2,7 +2,7 @@
 
 Owns: capacity truncation (both drop policies, deterministic tie-breaking), Fill-in
 Rectification (FR), the Intra-GPU Rectification (IR) assignment and the gate weights with the
-straight-through option, exactly as ``shared/docs/rectify-spec.md`` states them.
+straight-through option, exactly as ``docs/routing.md`` (the authority) states them.
 Must not touch: process groups, collectives, CUDA calls, module state. Everything here works on
 whatever device its inputs live on and is the same code on one rank or many.
 
@@ -41,13 +41,11 @@ Naming (megatron's words, plus ours):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from megatron.rectify.config import RectifyOptions
+from megatron.rectify.config import RectifyOptions, check_choice
 
 # Width of ``ordered_score_key``: every float32 maps to a distinct-ordered 32-bit integer.
 _SCORE_BITS = 32
@@ -101,68 +99,6 @@ class RectifiedRouting:
         return self.kept_map | self.fill_in_map
 
 
-@dataclass
-class RoutingStatistics:
-    """Counts for one router call, kept as 0-d tensors so that no device sync is forced.
-
-    ``padded`` counts slots a padded all-to-all would still send and compute with no token in
-    them (``num_experts * capacity - occupied``); ``lost`` counts tokens that no expert computes.
-    """
-
-    num_tokens: int
-    num_requests: int
-    slots: int
-    dropped: torch.Tensor
-    filled_in: torch.Tensor
-    rectified: torch.Tensor
-    occupied: torch.Tensor
-    padded: torch.Tensor
-    lost: torch.Tensor
-    expert_load: torch.Tensor  # [E] tokens per expert, IR tokens included
-
-    def as_percentages(self) -> dict[str, float]:
-        """Human-readable rates (this is where the one host sync happens, for logging)."""
-        counts = {name: float(getattr(self, name)) for name in RATE_COUNTS}
-        counts.update({name: getattr(self, name) for name in RATE_TOTALS})
-        load = self.expert_load
-        return {
-            **routing_rates(counts),
-            "max_over_mean_load": float(max_over_mean_load(load)) if load.numel() else 0.0,
-        }
-
-
-#: The one definition of every routing rate: ``rate = 100 * count / max(total, 1)``.
-#: (rate name, count it measures, total it is a share of); the names are ``RoutingStatistics``'.
-RATES = (
-    ("dropped_pct", "dropped", "num_requests"),
-    ("padded_pct", "padded", "slots"),
-    ("filled_in_pct", "filled_in", "slots"),
-    ("rectified_pct", "rectified", "num_tokens"),
-    ("lost_pct", "lost", "num_tokens"),
-)
-RATE_COUNTS = tuple(count for _, count, _ in RATES)
-RATE_TOTALS = tuple(dict.fromkeys(total for _, _, total in RATES))
-
-
-def routing_rates(counts: Mapping[str, Any]) -> dict[str, Any]:
-    """Percentages from counts: every rate of ``RATES`` whose count is in ``counts``.
-
-    ``counts`` maps count and total names to numbers: Python floats (summaries, after their one
-    host sync) or 0-d tensors (the training log: the rates stay tensors, no host sync).
-    """
-    return {
-        rate: 100.0 * counts[count] / max(counts[total], 1)
-        for rate, count, total in RATES
-        if count in counts
-    }
-
-
-def max_over_mean_load(expert_load: torch.Tensor) -> torch.Tensor:
-    """Load imbalance: the busiest expert's tokens over the mean, 0-d tensor (no host sync)."""
-    load = expert_load.float()
-    return load.max() / load.mean().clamp_min(1e-9)
-
-
 def topk_indices_to_map(topk_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[T, k] expert indices -> [T, E] bool map."""
     selected = torch.ones_like(topk_indices, dtype=torch.bool)
@@ -178,14 +114,10 @@ def fill_in_candidates(
     expert outside the token's top-k (depth E - k). Never a top-k expert, so a fill-in can never
     duplicate a request. Ties go to the lower expert index.
     """
+    check_choice("--moe-rectify-fill-in-candidates", candidates)
     num_experts = selection_scores.shape[1]
     topk = topk_indices.shape[1]
-    if candidates == "next":
-        depth = min(1, num_experts - topk)
-    elif candidates == "any":
-        depth = num_experts - topk
-    else:
-        raise ValueError(f"unknown fill-in candidate set {candidates!r}; use 'next' or 'any'")
+    depth = min(1, num_experts - topk) if candidates == "next" else num_experts - topk
     masked = selection_scores.detach().scatter(1, topk_indices, float("-inf"))
     if depth == 1:
         return masked.argmax(dim=1, keepdim=True)  # argmax returns the first maximum
@@ -240,8 +172,7 @@ def slot_winners(
     The work is on the T*R request list, not on a dense [T, E] matrix: with the default ``next``
     candidates that is T*(k+1) entries instead of T*E.
     """
-    if drop_policy not in ("probs", "position"):
-        raise ValueError(f"unknown drop policy {drop_policy!r}; use 'probs' or 'position'")
+    check_choice("--moe-token-drop-policy", drop_policy)
     num_tokens, num_requests = request_experts.shape
     num_experts = probs.shape[1]
     device = probs.device
@@ -339,13 +270,12 @@ def intra_gpu_rectification(
     """
     if len(local_experts) == 0 or local_experts.step != 1:
         raise ValueError(f"local_experts must be a non-empty contiguous range, got {local_experts}")
+    check_choice("--moe-rectify-ir-trigger", trigger)
     lost_choices = topk - kept_count  # [T]
     if trigger == "all":
         triggered = (lost_choices == topk) & ~won_fill_in
-    elif trigger in ("any", "ignore_kth"):
+    else:  # any / ignore_kth: at least one top-k choice lost
         triggered = lost_choices > 0
-    else:
-        raise ValueError(f"unknown IR trigger {trigger!r}; use all, any or ignore_kth")
     local_probs = probs.detach()[:, local_experts.start : local_experts.stop]
     best_local = local_probs.argmax(dim=1) + local_experts.start  # [T]
     ir_expert = torch.where(triggered, best_local, -1)
@@ -502,32 +432,4 @@ def rectified_routing(
         dropped_map=requests_to_map(topk_indices, ~kept_won, num_experts),
         padding_map=padding_map,
         capacity=capacity,
-    )
-
-
-def routing_statistics(routing: RectifiedRouting, topk: int) -> RoutingStatistics:
-    """Count dropped / padded / filled-in / rectified / lost for one call (no host sync).
-
-    Everything counts ``routed_map`` (kept + fill-in), never the dispatch ``routing_map``:
-    padding pairs are empty slots, so they count as ``padded``, not as occupied or as load.
-    """
-    routed_map = routing.routed_map
-    num_tokens, num_experts = routed_map.shape
-    occupied = routed_map.sum()
-    slots = num_experts * routing.capacity
-    rectified = routing.ir_expert >= 0
-    # scatter_add, not bincount of a masked selection: boolean indexing would sync the host.
-    ir_load = torch.zeros(num_experts, dtype=torch.int64, device=rectified.device)
-    ir_load = ir_load.scatter_add(0, routing.ir_expert.clamp_min(0), rectified.to(torch.int64))
-    return RoutingStatistics(
-        num_tokens=num_tokens,
-        num_requests=num_tokens * topk,
-        slots=slots,
-        dropped=routing.dropped_map.sum(),
-        filled_in=routing.fill_in_map.sum(),
-        rectified=rectified.sum(),
-        occupied=occupied,
-        padded=(slots - occupied).clamp_min(0),
-        lost=(~routed_map.any(dim=1) & ~rectified).sum(),
-        expert_load=routed_map.sum(dim=0) + ir_load,
     )

@@ -34,8 +34,6 @@ Must not touch: routing decisions (``routing.py``), the IR batch's layout (``int
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
@@ -46,17 +44,7 @@ __all__ = [
     "IntraGpuBatch",
     "MoERectifyAlltoAllTokenDispatcher",
     "intra_gpu_batch",
-    "uses_alltoall_dispatcher",
 ]
-
-#: The one megatron dispatcher the rectified one replaces (megatron picks it by this string).
-ALLTOALL = "alltoall"
-
-
-def uses_alltoall_dispatcher(config: Any) -> bool:
-    """Whether ``config`` selects megatron's alltoall dispatcher: the only one that rectified
-    routing runs with, and the one ``RectifyMoELayer`` replaces by the rectified dispatcher."""
-    return getattr(config, "moe_token_dispatcher_type", None) == ALLTOALL
 
 
 class MoERectifyAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from megatron.rectify.checkpoint.errors import CheckpointToolError
+from megatron.rectify.dev.mode import CPU_EMULATION_ENV
 
 
 def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,7 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
         torch.save(tokens, tokens_path)
         command = [sys.executable, "-m", __name__, hf_dir, str(tokens_path), str(out_path)]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-        env.pop("MEGATRON_RECTIFY_CPU_EMULATION", None)
+        env.pop(CPU_EMULATION_ENV, None)
         for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(name, None)
         result = subprocess.run(command, capture_output=True, text=True, env=env)

@@ -3,9 +3,16 @@
 The tools build the *same* ``GPTModel`` that ``pretrain_gpt_rectify.py`` trains (same flag
 parser, same model provider, same layer specs) and save and load through megatron's own
 ``save_checkpoint`` / ``load_checkpoint``, so a converted checkpoint is exactly what a training
-run writes and reads. Conversion is a CPU job: the tools hide GPUs before torch is imported and
-run megatron under the CPU emulation layer with gloo, in one process (``convert_hf.py import``)
-or under ``torchrun`` in any TP/EP layout (``convert_hf.py verify``).
+run writes and reads.
+
+Conversion is a CPU job (host memory, any target layout on any machine): the scripts in
+``tools/checkpoint`` hide the GPUs (``CUDA_VISIBLE_DEVICES=''``) before torch is imported. On a
+machine without CUDA megatron-core cannot start on its own, so a session always runs it under
+the CPU development mode (:mod:`megatron.rectify.dev`: the emulation layer, gloo, the local
+spec), in one process (``convert_hf.py import``) or under ``torchrun`` in any TP/EP layout
+(``convert_hf.py verify``). This is the one product path that uses the development mode, and
+the reason it is explicit here: :func:`start_megatron` refuses to start where CUDA is visible
+(the emulation never shadows a real GPU) and switches the emulation on otherwise.
 
 megatron keeps its state in module globals (args, timers, parallel groups), so one process
 holds one session; the command-line tools are one process per command.
@@ -15,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import os
 import sys
 from collections.abc import Sequence
@@ -48,17 +54,11 @@ SESSION_DEFAULT_ARGS = (
 )
 
 
-def hide_gpus() -> None:
-    """Conversion runs on the CPU even on a GPU machine: must run before ``import torch``."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    os.environ.setdefault("MEGATRON_RECTIFY_CPU_EMULATION", "1")
-
-
 def _single_process_environment() -> None:
     """Without torchrun, be rank 0 of a world of one."""
     if "RANK" in os.environ:
         return
-    from megatron.rectify.testing.multiprocess import find_free_port
+    from megatron.rectify.dev.multiprocess import find_free_port
 
     os.environ.update(
         RANK="0",
@@ -87,17 +87,13 @@ def start_megatron(
             "checkpoint tools run on the CPU: start them with CUDA_VISIBLE_DEVICES='' "
             "(the tools in tools/checkpoint do this themselves)."
         )
-    from megatron.rectify.testing import cpu_emulation
-    from megatron.rectify.training import (
-        CPU_EMULATION_DEFAULT_ARGS,
-        _allow_cpu_only_initialisation,
-        _use_prebuilt_dataset_helpers,
-        parse_and_validate_args,
-    )
+    from megatron.rectify.dev.mode import CPU_EMULATION_DEFAULT_ARGS, activate_cpu_emulation
+    from megatron.rectify.megatron_patches import use_prebuilt_dataset_helpers
+    from megatron.rectify.training.args import parse_and_validate_args
+    from megatron.rectify.training.checkpoint_args import architecture_only
 
-    cpu_emulation.activate()
+    activate_cpu_emulation()  # no CUDA here (refused above): megatron needs the emulation
     _single_process_environment()
-    from megatron.rectify.checkpoint_args import architecture_only
 
     sys.argv = [prog, *CPU_EMULATION_DEFAULT_ARGS, *SESSION_DEFAULT_ARGS, *flags]
     with contextlib.nullcontext() if routing_from_checkpoint else architecture_only():
@@ -108,8 +104,7 @@ def start_megatron(
 
     from megatron.training import initialize
 
-    _allow_cpu_only_initialisation(initialize)
-    _use_prebuilt_dataset_helpers()
+    use_prebuilt_dataset_helpers()
     initialize.initialize_megatron(allow_no_cuda=True)
     return args
 
@@ -126,7 +121,7 @@ def build_model() -> torch.nn.Module:
     """The training run's model (``model_provider``), unwrapped, on this rank."""
     from megatron.core import parallel_state
 
-    from megatron.rectify.training import model_provider
+    from megatron.rectify.training.gpt_recipe import model_provider
 
     return model_provider(
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -144,19 +139,10 @@ def save_release_checkpoint(model: torch.nn.Module, recorded_save_dir: Path | No
     """
     from megatron.training import checkpointing
 
-    original = checkpointing.generate_state_dict
+    from megatron.rectify.megatron_patches import recording_save_dir
 
-    def generate_with_recorded_save_dir(args: argparse.Namespace, *rest: Any, **kw: Any) -> Any:
-        recorded = copy.copy(args)
-        if recorded_save_dir is not None:
-            recorded.save = str(recorded_save_dir)
-        return original(recorded, *rest, **kw)
-
-    checkpointing.generate_state_dict = generate_with_recorded_save_dir
-    try:
+    with recording_save_dir(recorded_save_dir):
         checkpointing.save_checkpoint(0, [model], None, None, 0, release=True)
-    finally:
-        checkpointing.generate_state_dict = original
 
 
 def load_model_weights(model: torch.nn.Module) -> None:

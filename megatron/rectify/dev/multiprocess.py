@@ -1,6 +1,6 @@
 """Run a test body in N gloo processes with megatron's ``parallel_state`` initialised.
 
-Every rank process activates the CPU emulation (:mod:`megatron.rectify.testing.cpu_emulation`),
+Every rank process activates the CPU emulation (:mod:`megatron.rectify.dev.cpu_emulation`),
 joins a gloo process group, initialises megatron's model-parallel groups for the requested
 layout, seeds the RNGs the way megatron does, and calls ``fn(rank, world_size, **kwargs)``.
 The parent collects the per-rank return values, and raises :class:`DistributedTestError`
@@ -49,7 +49,7 @@ FORKSERVER_PRELOAD = (
     "megatron.core.tensor_parallel",
     "megatron.core.transformer.moe.moe_layer",
     "megatron.core.models.gpt.gpt_layer_specs",
-    "megatron.rectify.testing.cpu_emulation",
+    "megatron.rectify.dev.cpu_emulation",
 )
 _ERROR_GRACE_S = 2.0  # once a rank failed, how long the others get to finish before being killed
 _DEAD_GRACE_S = 1.0  # how long a dead rank's report may still be in flight
@@ -93,7 +93,7 @@ def _worker(
         import numpy as np
         import torch
 
-        from megatron.rectify.testing import cpu_emulation
+        from megatron.rectify.dev import cpu_emulation
 
         torch.set_num_threads(1)
         cpu_emulation.activate()

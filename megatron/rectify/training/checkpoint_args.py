@@ -13,14 +13,15 @@ how a checkpoint that cannot be read is reported.
   differs from the checkpoint's value.
 * :func:`install_load_guard` - a checkpoint file that cannot be read (truncated or garbled
   shard) stops the run with one line naming the file and the newest earlier iteration whose
-  files are complete, instead of megatron's traceback.
+  files are complete, instead of megatron's traceback (the wrapper of megatron's
+  ``load_checkpoint`` is :func:`megatron.rectify.megatron_patches.guard_checkpoint_loading`;
+  the diagnosis is here).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -170,7 +171,7 @@ def _flag_parser() -> argparse.ArgumentParser:
     ``extra_args_provider``), every default suppressed: parsing gives only what was typed."""
     from megatron.training.arguments import add_megatron_arguments
 
-    from megatron.rectify.training import add_rectify_args
+    from megatron.rectify.training.args import add_rectify_args
 
     parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     parser = add_rectify_args(add_megatron_arguments(parser))
@@ -241,29 +242,6 @@ def apply_checkpoint_routing(
 # ---- a checkpoint that cannot be read -----------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _recording_files_read() -> Iterator[list[str]]:
-    """The shard file torch.distributed.checkpoint's reader is reading (its ``_slice_file``
-    is called per stored item), so that a failed read can be traced to its file."""
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
-
-    original = FileSystemReader.__dict__.get("_slice_file")
-    last: list[str] = []
-    if original is None:  # another torch: the quick file check still names truncated files
-        yield last
-        return
-
-    def slice_file(self: Any, file: Any, sinfo: Any) -> Any:
-        last[:] = [sinfo.relative_path]
-        return original(self, file, sinfo)
-
-    FileSystemReader._slice_file = slice_file
-    try:
-        yield last
-    finally:
-        FileSystemReader._slice_file = original
-
-
 def corrupt_checkpoint_message(load_dir: str, marker: str, last_read: Sequence[str]) -> str | None:
     """One line naming the unreadable file of the iteration ``marker`` of ``load_dir`` and
     the newest earlier iteration whose files are complete; None when no file is at fault."""
@@ -297,33 +275,17 @@ def corrupt_checkpoint_message(load_dir: str, marker: str, last_read: Sequence[s
 
 
 def install_load_guard(prog: str) -> None:
-    """Wrap megatron's ``load_checkpoint`` (in ``megatron.training.checkpointing`` and, when
-    imported, the name ``megatron.training.training`` calls) so that an unreadable checkpoint
-    file becomes one line naming it and exit 2. Any other load error is re-raised as is."""
-    from megatron.training import checkpointing
+    """Make megatron's ``load_checkpoint`` turn an unreadable checkpoint file into one line
+    naming it and exit 2 (:func:`megatron.rectify.megatron_patches.guard_checkpoint_loading`).
+    Any other load error is re-raised as is."""
+    from megatron.rectify.megatron_patches import guard_checkpoint_loading
 
-    if getattr(checkpointing.load_checkpoint, "rectify_load_guard", False):
-        return
-    original = checkpointing.load_checkpoint
+    def on_failure(call_args: tuple, call_kwargs: dict, last_read: list[str]) -> None:
+        message = _diagnose_load_failure(call_args, call_kwargs, last_read)
+        if message is not None:
+            _fail(prog, message)
 
-    @functools.wraps(original)
-    def load_checkpoint(*args: Any, **kwargs: Any) -> Any:
-        from torch.distributed.checkpoint.api import CheckpointException
-
-        with _recording_files_read() as last_read:
-            try:
-                return original(*args, **kwargs)
-            except (Exception, CheckpointException):  # DCP's exception is a BaseException
-                message = _diagnose_load_failure(args, kwargs, list(last_read))
-                if message is None:
-                    raise
-                _fail(prog, message)
-
-    load_checkpoint.rectify_load_guard = True  # type: ignore[attr-defined]
-    checkpointing.load_checkpoint = load_checkpoint
-    training = sys.modules.get("megatron.training.training")
-    if training is not None and getattr(training, "load_checkpoint", None) is original:
-        training.load_checkpoint = load_checkpoint
+    guard_checkpoint_loading(on_failure)
 
 
 def _diagnose_load_failure(call_args: tuple, call_kwargs: dict, last_read: list[str]) -> str | None:

@@ -60,9 +60,11 @@ from typing import Any
 
 import torch
 
+from megatron.rectify.dev.mode import CPU_EMULATION_ENV
+
 __all__ = ["ENV_VAR", "activate", "activate_from_env", "is_active"]
 
-ENV_VAR = "MEGATRON_RECTIFY_CPU_EMULATION"
+ENV_VAR = CPU_EMULATION_ENV  # "MEGATRON_RECTIFY_CPU_EMULATION", see dev.mode
 _LOG = logging.getLogger("megatron.rectify")
 _ACTIVE = False
 _CPU = torch.device("cpu")
