@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint format bench-quality bench-quality-upcycle bench-perf bench-router bench-layer clean-venv
+.PHONY: setup demo test test-unit test-distributed test-gpu lint format bench-quality bench-quality-upcycle bench-perf bench-router bench-layer clean-venv
 
 setup: $(VENV)/.setup-stamp
 
@@ -13,10 +13,23 @@ $(VENV)/.setup-stamp: pyproject.toml scripts/setup_venv.sh
 demo: setup
 	$(PY) scripts/demo.py
 
-## The whole test suite (CPU-only machines included): lint, then pytest.
+## The whole test suite (CPU-only machines included): lint, then every tier (tests/README.md);
+## the GPU tier skips itself without CUDA. About 10.5 minutes on 2 CPU cores.
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## Tier 1: single-process tests (routing math, config, CLI, tokenizer, in-process megatron); ~40 s.
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+## Tier 2: gloo process groups, torchrun and subprocess training runs (CPU emulation); ~10 min.
+test-distributed: setup
+	$(PY) -m pytest tests/distributed $(PYTEST_ARGS)
+
+## Tier 3: CUDA only (NCCL, bf16, Transformer Engine); skipped on a machine without a GPU.
+test-gpu: setup
+	$(PY) -m pytest tests/gpu $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -12,7 +12,7 @@
 #
 # GPU_CHECK_DRY_RUN=1 (any machine): print the benchmark commands instead of running anything,
 # with GPU_CHECK_NGPU GPUs (default 8) and GPU_CHECK_TE=1 to pretend Transformer Engine is there;
-# tests/test_bench_perf.py uses it to check the commands against the benchmark's CLI.
+# tests/unit/test_bench_perf.py uses it to check the commands against the benchmark's CLI.
 set -uo pipefail
 out="${1:-${OUT:-gpu_check_out}}"
 dry_run="${GPU_CHECK_DRY_RUN:-}"
@@ -45,9 +45,9 @@ if "$py" -c 'import transformer_engine.pytorch' 2>/dev/null; then te_flag="--te"
     echo
     echo "torch $("$py" -c 'import torch; print(torch.__version__)'), megatron-core $("$py" -c 'import megatron.core as m; print(m.__version__)'), TE: ${te_flag:-not installed}"
     echo
-    echo '## Tests (tests/test_gpu.py)'
+    echo '## Tests (tests/gpu/test_gpu.py)'
     echo '```'
-    "$py" -m pytest tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tail -15
+    "$py" -m pytest tests/gpu/test_gpu.py -q -p no:cacheprovider 2>&1 | tail -15
     echo '```'
     echo
     echo "## Cost benchmarks, x$ngpu GPUs, bf16 ${te_flag} (benchmarks/perf)"

@@ -1,5 +1,10 @@
-"""Shared pytest configuration for megatron-rectify.
+"""Shared pytest configuration for megatron-rectify (the one conftest.py of all three tiers).
 
+* The tiers (tests/README.md): ``tests/unit`` (one process, seconds), ``tests/distributed``
+  (gloo process groups, torchrun and subprocess training runs; every test marked ``slow`` or
+  ``multiprocess``), ``tests/gpu`` (CUDA only, skipped elsewhere). Collection refuses a test
+  file outside a tier folder, a ``slow`` / ``multiprocess`` test in ``tests/unit`` and an
+  unmarked one in ``tests/distributed``, so that ``make test-unit`` stays fast.
 * Registers the ``slow`` and ``multiprocess`` markers (also listed in pyproject.toml, so that
   ``--strict-markers`` works whichever configuration file is used).
 * ``multiprocess`` tests run megatron over gloo through the CPU emulation, which refuses to run
@@ -8,6 +13,8 @@
   multiprocess tests activate it in their children. Tests that want megatron in-process can
   request the ``cpu_emulation`` fixture, which activates it for the rest of the session
   (the patches cannot be undone).
+* The helper modules next to this file (``moe_layer_cases``, ``tiny_checkpoint``) are importable
+  by name from every tier, in the pytest process and in the rank processes.
 """
 
 from __future__ import annotations
@@ -25,7 +32,32 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "multiprocess: spawns several gloo processes")
 
 
+TESTS_DIR = Path(__file__).resolve().parent
+TIERS = ("unit", "distributed", "gpu")
+
+
+def _misplaced(item: pytest.Item) -> str | None:
+    """Why ``item`` is in the wrong tier folder, or None."""
+    try:
+        parts = Path(item.path).resolve().relative_to(TESTS_DIR).parts
+    except ValueError:
+        return None
+    tier = parts[0] if len(parts) > 1 else None
+    marked = any(item.get_closest_marker(name) for name in ("slow", "multiprocess"))
+    if tier not in TIERS:
+        return "test files go into tests/unit, tests/distributed or tests/gpu"
+    if tier == "unit" and marked:
+        return "marked slow/multiprocess: move it to tests/distributed"
+    if tier == "distributed" and not marked:
+        return "neither slow nor multiprocess: mark it, or move it to tests/unit"
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    misplaced = [(item.nodeid, why) for item in items if (why := _misplaced(item))]
+    if misplaced:
+        lines = [f"  {nodeid}: {why}" for nodeid, why in misplaced]
+        raise pytest.UsageError("tests in the wrong tier (tests/README.md):\n" + "\n".join(lines))
     multiprocess = [item for item in items if item.get_closest_marker("multiprocess")]
     if not multiprocess:
         return
@@ -46,9 +78,10 @@ def cpu_emulation() -> ModuleType:
     return emulation
 
 
-# Helper modules next to the tests (e.g. moe_layer_cases) are imported by the rank processes
-# too, so the tests folder must be importable by name.
-sys.path.insert(0, str(Path(__file__).parent))
+# Helper modules next to this file (moe_layer_cases, tiny_checkpoint) are imported by the tests of
+# every tier and by the rank processes (which get the parent's sys.path), so the tests folder must
+# be importable by name.
+sys.path.insert(0, str(TESTS_DIR))
 
 
 @pytest.fixture(scope="module")

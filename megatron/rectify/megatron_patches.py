@@ -208,7 +208,7 @@ def report_routing_statistics_with_the_moe_metrics(names: Sequence[str]) -> None
     appear in the iteration log line and in TensorBoard (per layer with
     ``--moe-per-layer-logging``).
 
-    Call it only where every name is recorded (``router.routing_statistics_available``):
+    Call it only where every name is recorded (``statistics.routing_statistics_available``):
     megatron reports a registered name that no layer recorded as 0.00, which reads as "nothing
     dropped"."""
     check("report_routing_statistics_with_the_moe_metrics")

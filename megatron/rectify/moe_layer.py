@@ -65,7 +65,7 @@ LOGGED_RATES = ("dropped_pct", "padded_pct", "filled_in_pct", "rectified_pct")
 #: Recorded on every training call for which ``RectifyRouter.statistics()`` has counts: rectified
 #: calls and megatron's own top-k-with-capacity calls alike (so ``--moe-rectify none`` logs
 #: megatron's real drop rate, a vanilla baseline). Register them only where
-#: ``router.routing_statistics_available`` holds: megatron reports an unrecorded name as 0.00.
+#: ``statistics.routing_statistics_available`` holds: megatron reports an unrecorded name as 0.00.
 STATISTIC_NAMES = (
     *(f"rectify_{rate}" for rate in LOGGED_RATES),
     "rectify_max_over_mean_load",
@@ -84,7 +84,7 @@ def add_routing_observer(observer: RoutingObserver) -> Callable[[], None]:
     ``stats`` is the call's ``RoutingStatistics`` (``layer.router.statistics(output)``: rectified
     calls, and megatron's own top-k with a capacity), or ``None`` where the router has no
     truthful count (dropless, sinkhorn, replayed routing; see
-    ``router.routing_statistics_available``). ``training`` is whether the layer counted the call
+    ``statistics.routing_statistics_available``). ``training`` is whether the layer counted the call
     as training (training mode and gradients on): those statistics are already in
     ``cumulative_statistics`` and the training log. The counts are device tensors: an observer
     that reads them syncs the host. Observation only: an observer must not change the routing.

@@ -38,7 +38,6 @@ megatron's true drop / padding rates instead of zeros.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from megatron.core import utils as mcore_utils
@@ -62,32 +61,11 @@ from megatron.rectify.config import (
     uses_alltoall_dispatcher,
 )
 from megatron.rectify.routing import RectifiedRouting, rectified_routing
-from megatron.rectify.statistics import RoutingStatistics, routing_statistics
-
-#: megatron's routing types that are not top-k-with-capacity (no drop rate to report).
-_NOT_TOPK_ROUTING = ("sinkhorn", "quantile_balancing")
-
-
-def routing_statistics_available(config: Any) -> bool:
-    """Whether every training call of a ``RectifyRouter`` built from ``config`` (a
-    ``TransformerConfig`` or megatron's parsed args) yields :meth:`RectifyRouter.statistics`.
-
-    The training entry point registers the ``rectify_*`` names with megatron's MoE metrics only
-    when this holds: megatron reports a registered name that nobody recorded as 0.00, which
-    would read as "no token dropped". Rectified calls always have statistics; megatron's own
-    top-k path has them when capacity is limited (dropless routing has no drop rate), when its
-    routing is top-k (not sinkhorn / quantile balancing) and when no replayed routing bypasses
-    the top-k that the statistics recompute.
-    """
-    num_experts = getattr(config, "num_moe_experts", None) or getattr(config, "num_experts", None)
-    if not num_experts or getattr(config, "moe_expert_capacity_factor", None) is None:
-        return False
-    routing_type = getattr(config, "moe_router_load_balancing_type", "aux_loss")
-    if isinstance(routing_type, list) and len(routing_type) == 1:
-        routing_type = routing_type[0]
-    if isinstance(routing_type, str) and routing_type in _NOT_TOPK_ROUTING:
-        return False
-    return not getattr(config, "moe_enable_routing_replay", False)
+from megatron.rectify.statistics import (
+    RoutingStatistics,
+    routing_statistics,
+    routing_statistics_available,
+)
 
 
 @dataclass
@@ -220,7 +198,7 @@ class RectifyRouter(TopKRouter):
 
         NOTE: reproduced rather than inherited because megatron's ``forward`` returns only
         ``routing``'s two tensors, and the decision must come back as a value.
-        ``tests/test_router.py`` fails loudly when megatron's ``forward`` changes.
+        ``tests/unit/test_router.py`` fails loudly when megatron's ``forward`` changes.
         """
         self._maintain_float32_expert_bias()
         input = self.apply_input_jitter(input)

@@ -116,3 +116,29 @@ def routing_statistics(routing: RectifiedRouting, topk: int) -> RoutingStatistic
         lost=(~routed_map.any(dim=1) & ~rectified).sum(),
         expert_load=routed_map.sum(dim=0) + ir_load,
     )
+
+
+#: megatron's routing types that are not top-k-with-capacity (no drop rate to report).
+_NOT_TOPK_ROUTING = ("sinkhorn", "quantile_balancing")
+
+
+def routing_statistics_available(config: Any) -> bool:
+    """Whether every training call of a ``RectifyRouter`` built from ``config`` (a
+    ``TransformerConfig`` or megatron's parsed args) yields :meth:`RectifyRouter.statistics`.
+
+    The training entry point registers the ``rectify_*`` names with megatron's MoE metrics only
+    when this holds: megatron reports a registered name that nobody recorded as 0.00, which
+    would read as "no token dropped". Rectified calls always have statistics; megatron's own
+    top-k path has them when capacity is limited (dropless routing has no drop rate), when its
+    routing is top-k (not sinkhorn / quantile balancing) and when no replayed routing bypasses
+    the top-k that the statistics recompute.
+    """
+    num_experts = getattr(config, "num_moe_experts", None) or getattr(config, "num_experts", None)
+    if not num_experts or getattr(config, "moe_expert_capacity_factor", None) is None:
+        return False
+    routing_type = getattr(config, "moe_router_load_balancing_type", "aux_loss")
+    if isinstance(routing_type, list) and len(routing_type) == 1:
+        routing_type = routing_type[0]
+    if isinstance(routing_type, str) and routing_type in _NOT_TOPK_ROUTING:
+        return False
+    return not getattr(config, "moe_enable_routing_replay", False)

@@ -127,6 +127,15 @@ def check_load_dir(args: argparse.Namespace, prog: str) -> None:
             _fail(prog, f"--ckpt-step {step}: {folder} does not exist (saved here: {saved})")
     elif marker is not None and not (Path(load) / iteration_folder_name(marker)).is_dir():
         _fail(prog, missing_iteration_message(load, marker))
+    elif marker is None and getattr(args, "exit_on_missing_checkpoint", False):
+        # megatron-core 0.19.2 (checkpointing._load_base_checkpoint) prints a warning and calls
+        # a bare sys.exit(): exit status 0 for a job that did not train.
+        _fail(
+            prog,
+            f"--exit-on-missing-checkpoint: no checkpoint in --load {load} (no "
+            "latest_checkpointed_iteration.txt): check the path, or drop "
+            "--exit-on-missing-checkpoint to start from scratch.",
+        )
 
 
 # ---- --use-checkpoint-args ----------------------------------------------------------------------

@@ -41,7 +41,7 @@ def main() -> None:
     args = parse_and_validate_args(training_data=True)
     megatron_patches.use_prebuilt_dataset_helpers()
     from megatron.rectify.moe_layer import STATISTIC_NAMES
-    from megatron.rectify.router import routing_statistics_available
+    from megatron.rectify.statistics import routing_statistics_available
 
     if routing_statistics_available(args):
         # unrectified training calls are counted too (megatron's own routing): a vanilla run

@@ -362,31 +362,3 @@ def test_router_refuses_a_capacity_rounded_past_the_tokens(mode: str) -> None:
     with pytest.raises(RectifyConfigError, match="--moe-pad-expert-input-to-capacity"):
         router(torch.randn(29, 1, 32))
     router(torch.randn(28, 1, 32))  # C == T == 28 is fine
-
-
-@pytest.mark.multiprocess
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param({"ep": 2, "experts": 4, "topk": 1, "mode": "ir"}, id="ep2-top1-ir"),
-        pytest.param({"ep": 2, "experts": 4, "topk": 2, "mode": "ir+fr"}, id="ep2-top2-ir+fr"),
-        pytest.param({"ep": 2, "experts": 4, "topk": 1, "mode": "none"}, id="ep2-top1-none"),
-    ],
-)
-def test_every_rank_dispatches_exactly_c_per_column(case: dict) -> None:
-    import moe_layer_cases as cases
-
-    from megatron.rectify.dev.multiprocess import run_distributed
-
-    results = run_distributed(
-        cases.dispatched_column_counts,
-        2,
-        expert_model_parallel_size=2,
-        timeout_s=240,
-        case={**case, "pad": True},
-    )
-    for result in results:
-        assert result["columns"] == [result["capacity"]] * case["experts"], result
-    if case["mode"] == "ir":
-        assert sum(r["padding_pairs"] for r in results) > 0

@@ -31,7 +31,7 @@ from megatron.rectify.data import (
 # megatron's IndexedDataset logging asks for a rank that a single process does not have.
 pytestmark = pytest.mark.filterwarnings("ignore:Could not determine rank:UserWarning")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL_PATH = REPO / "tools" / "preprocess_data.py"
 HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 HAVE_TOKENIZERS = importlib.util.find_spec("tokenizers") is not None

@@ -20,7 +20,7 @@ from megatron.core.transformer.moe.moe_utils import get_capacity
 
 from megatron.rectify.config import RectifyOptions
 from megatron.rectify.moe_layer import STATISTIC_NAMES
-from megatron.rectify.router import routing_statistics_available
+from megatron.rectify.statistics import routing_statistics_available
 
 pytestmark = pytest.mark.usefixtures("single_rank")
 
@@ -187,25 +187,3 @@ def test_names_are_registered_exactly_where_they_are_recorded(
     """The training entry point registers the names with this predicate (parsed args); the
     router records with the same predicate (its config)."""
     assert routing_statistics_available(_args(**overrides)) is available
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_inference_only_rectification_run_logs_megatrons_drop_rate() -> None:
-    """``pretrain_gpt_rectify.py --moe-rectify none --moe-rectify-eval ir+fr``: the training
-    log's ``rectify_dropped_pct`` is megatron's real rate (it read 0.00 on every line)."""
-    from test_pretrain_e2e import ok, torchrun
-
-    log = ok(
-        torchrun(
-            1,
-            *("--moe-rectify", "none", "--moe-rectify-eval", "ir+fr", "--train-iters", "4"),
-            *("--eval-interval", "4", "--eval-iters", "1"),
-        )
-    )
-    dropped = [float(v) for v in re.findall(r"rectify_dropped_pct: ([0-9.]+)", log)]
-    assert len(dropped) == 4, log[-3000:]
-    assert max(dropped) > 0, log[-3000:]  # random router, capacity 1.0: megatron drops
-    summary = re.findall(r"MoE layer (\d): dropped ([0-9.]+) %", log)
-    assert [layer for layer, _ in summary] == ["1", "2"], log[-3000:]
-    assert any(float(rate) > 0 for _, rate in summary)

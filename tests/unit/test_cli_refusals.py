@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROG = "pretrain_gpt_rectify.py"
 BASE = [
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -343,3 +343,19 @@ def test_expert_biases_with_expert_tensor_parallelism_are_refused(refusal) -> No
 def test_a_truncated_data_file_is_named(refusal, data, name: str, damaged: str) -> None:
     line = refusal("--data-path", data[name], "--split", "60,20,20", *NULL_TOKENIZER)
     assert f"{data[name]}{damaged} is truncated" in line and "preprocess_data.py" in line
+
+
+# ---- --exit-on-missing-checkpoint ---------------------------------------------------------------
+
+
+def test_exit_on_missing_checkpoint_without_a_checkpoint_is_refused(
+    refusal, parse, tmp_path: Path
+) -> None:
+    """megatron-core 0.19.2 exits 0 (a bare ``sys.exit()``) when the checkpoint is missing."""
+    empty = tmp_path / "no_checkpoint_here"
+    line = refusal("--load", str(empty), "--exit-on-missing-checkpoint", *MOCK)
+    assert f"--exit-on-missing-checkpoint: no checkpoint in --load {empty}" in line
+    saved = tmp_path / "saved"
+    (saved / "iter_0000010").mkdir(parents=True)
+    (saved / "latest_checkpointed_iteration.txt").write_text("10")
+    assert parse("--load", str(saved), "--exit-on-missing-checkpoint", *MOCK)

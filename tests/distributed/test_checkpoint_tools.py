@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 from megatron.rectify.checkpoint.hf_reference import hf_logits  # noqa: E402
 from megatron.rectify.checkpoint.layout import read_full_tensors  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools" / "checkpoint"
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 

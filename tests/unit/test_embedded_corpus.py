@@ -170,7 +170,7 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.setenv(data.CACHE_ENV_VAR, str(tmp_path / "elsewhere"))
     assert data.default_cache_dir() == tmp_path / "elsewhere"
     monkeypatch.delenv(data.CACHE_ENV_VAR)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     assert data.default_cache_dir() == repo / "data" / "cache"
 
 

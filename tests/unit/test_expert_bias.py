@@ -4,14 +4,13 @@ megatron-core 0.19.2 crashed every local-spec MoE run with biases at EP = expert
 ("Output 0 of _ReduceFromModelParallelRegion is a view and is being modified inplace"): its
 ``MLP.forward`` adds an expert's bias in place to ``RowParallelLinear``'s output, a view at that
 size. Our spec's ``ExpertRowParallelLinear`` avoids it (megatron/rectify/mlp.py). In-process
-checks of the expert and the layer, then real training runs under torchrun.
+checks of the expert and the layer; the training runs are in tests/distributed/test_bias_e2e.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import moe_layer_cases as cases
 import pytest
@@ -19,12 +18,9 @@ import torch
 from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from test_pretrain_e2e import TINY, losses, ok, torchrun
 
 from megatron.rectify.layer_specs import experts_with_bias_fix
 from megatron.rectify.mlp import ExpertRowParallelLinear
-
-RECTIFY = ["--moe-rectify", "ir+fr", "--moe-rectify-ir-trigger", "ignore_kth"]
 
 
 def _config_with_bias():
@@ -127,34 +123,3 @@ def test_only_the_local_row_parallel_linear_of_experts_is_replaced() -> None:
     assert experts_with_bias_fix(other) is other
     te_grouped = functools.partial(dict, submodules=object())
     assert experts_with_bias_fix(te_grouped) is te_grouped
-
-
-# ---- training runs (torchrun, CPU emulation) ----------------------------------------------------
-
-
-def _trains(nproc: int, *extra: str, iterations: int = 8) -> None:
-    """Trains with rc 0 and a finite, falling loss."""
-    log = ok(torchrun(nproc, *RECTIFY, *extra, "--train-iters", str(iterations)))
-    loss = losses(log)
-    assert sorted(loss) == list(range(1, iterations + 1)), log[-3000:]
-    assert all(math.isfinite(v) for v in loss.values()), loss
-    assert loss[iterations] < loss[1], loss
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_ep1_single_process_trains_with_biases() -> None:
-    assert "--disable-bias-linear" not in TINY
-    _trains(1)
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_ep1_pipeline_parallel_trains_with_biases() -> None:
-    _trains(2, "--pipeline-model-parallel-size", "2")
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_ep2_trains_with_biases() -> None:
-    _trains(2, "--expert-model-parallel-size", "2")
