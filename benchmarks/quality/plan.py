@@ -17,9 +17,10 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 
+from megatron.rectify.choices import RECTIFY_MODES
+
 #: Bump when a change would make old cached runs incomparable (log format, defaults).
 PLAN_VERSION = 2
-RECTIFY_MODES = ("none", "ir", "fr", "ir+fr")
 EXPERIMENTS = ("grid", "capacity", "inference", "lb")
 #: Rectifications applied at evaluation only to vanilla runs (inference-only rectification):
 #: all three at capacity 1.0 with the load-balancing loss (the paper's table), IR+FR elsewhere

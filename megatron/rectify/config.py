@@ -5,8 +5,9 @@ checks that turn a bad combination into one clear, early error that names the fl
 It does not touch tensors, process groups or CUDA.
 
 One source for each fact: :data:`CHOICES` (every choice-valued flag: its values, from the
-``Literal`` types, for argparse and validation), :func:`rectify_options_from_config` (the only
-place options are built from settings), :func:`mode_rectifies` / :func:`rectifying_modes`
+``Literal`` types, for argparse and validation; kept in the light
+:mod:`megatron.rectify.choices` and re-exported here), :func:`rectify_options_from_config` (the
+only place options are built from settings), :func:`mode_rectifies` / :func:`rectifying_modes`
 ("does this rectify?") and :func:`dispatcher_problem` (rectification runs on alltoall only).
 
 Two objects live here:
@@ -21,43 +22,26 @@ Two objects live here:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-RectifyMode = Literal["none", "ir", "fr", "ir+fr"]
-#: ``--moe-rectify-eval``: a mode for evaluation passes, or ``train`` (as in training).
-RectifyEvalMode = Literal["train", RectifyMode]
-IntraGpuTrigger = Literal["all", "any", "ignore_kth"]
-FillInCandidates = Literal["next", "any"]
-DropPolicy = Literal["probs", "position"]
-
-
-class Choice(NamedTuple):
-    """A setting with a fixed set of values: what messages call it, and its values."""
-
-    name: str
-    values: tuple[str, ...]
-
-
-#: The one table of choice-valued settings, by flag. The values come from the ``Literal`` types
-#: above (which also type the dataclass fields); the argparse ``choices`` (the tuples below) and
-#: every validation (:func:`check_choice`: options, routing math, reference) read them here.
-CHOICES: dict[str, Choice] = {
-    flag: Choice(name, get_args(literal))
-    for flag, name, literal in (
-        ("--moe-rectify", "rectify mode", RectifyMode),
-        ("--moe-rectify-eval", "evaluation rectify mode", RectifyEvalMode),
-        ("--moe-rectify-ir-trigger", "IR trigger", IntraGpuTrigger),
-        ("--moe-rectify-fill-in-candidates", "fill-in candidate set", FillInCandidates),
-        ("--moe-token-drop-policy", "drop policy", DropPolicy),
-    )
-}
-RECTIFY_MODES = CHOICES["--moe-rectify"].values
-RECTIFY_EVAL_MODES = CHOICES["--moe-rectify-eval"].values
-IR_TRIGGERS = CHOICES["--moe-rectify-ir-trigger"].values
-FILL_IN_CANDIDATES = CHOICES["--moe-rectify-fill-in-candidates"].values
-DROP_POLICIES = CHOICES["--moe-token-drop-policy"].values
+from megatron.rectify.choices import (  # noqa: F401  (re-exported: the settings' vocabulary)
+    CHOICES,
+    DROP_POLICIES,
+    FILL_IN_CANDIDATES,
+    IR_TRIGGERS,
+    RECTIFY_EVAL_MODES,
+    RECTIFY_MODES,
+    Choice,
+    DropPolicy,
+    FillInCandidates,
+    IntraGpuTrigger,
+    RectifyEvalMode,
+    RectifyMode,
+    mode_parts,
+    mode_rectifies,
+)
 
 #: The flags that switch rectification on (training, evaluation passes), in that order.
 MODE_FLAGS = ("--moe-rectify", "--moe-rectify-eval")
@@ -115,13 +99,8 @@ class RectifyOptions:
     def from_mode(cls, mode: str, **kwargs: Any) -> RectifyOptions:
         """Build options from a ``--moe-rectify`` mode: ``none``, ``ir``, ``fr`` or ``ir+fr``."""
         check_choice("--moe-rectify", mode)
-        parts = _mode_parts(mode)
+        parts = mode_parts(mode)
         return cls(intra_gpu="ir" in parts, fill_in="fr" in parts, **kwargs)
-
-
-def _mode_parts(mode: str) -> set[str]:
-    """``ir+fr`` -> {"ir", "fr"}: the rectifications a mode turns on (``none``, ``train``: none)."""
-    return set(mode.split("+")) & {"ir", "fr"}
 
 
 def check_choice(flag: str, value: object) -> None:
@@ -132,12 +111,6 @@ def check_choice(flag: str, value: object) -> None:
         raise RectifyConfigError(
             f"unknown {choice.name} {value!r} ({flag}); choose one of: {', '.join(choice.values)}."
         )
-
-
-def mode_rectifies(mode: str) -> bool:
-    """Whether a ``--moe-rectify`` / ``--moe-rectify-eval`` value turns rectification on
-    (``none`` does not, nor ``train``: evaluation as in training)."""
-    return bool(_mode_parts(mode))
 
 
 def rectifying_modes(config: Any) -> dict[str, str]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron.rectify.checkpoint.errors import CheckpointToolError
+from megatron.rectify.choices import mode_rectifies
 
 DENSE_MODEL_TYPES = ("llama", "mistral")
 MOE_MODEL_TYPES = ("mixtral",)
@@ -195,7 +196,7 @@ def architecture_from_megatron_args(args: argparse.Namespace, vocab_size: int) -
         "--moe-rectify (or no --moe-router-pre-softmax)": not getattr(
             args, "moe_router_pre_softmax", False
         )
-        or getattr(args, "moe_rectify", "none") != "none",
+        or mode_rectifies(getattr(args, "moe_rectify", "none")),
         "no --apply-layernorm-1p": not getattr(args, "apply_layernorm_1p", False),
         "no --moe-router-topk-scaling-factor": getattr(args, "moe_router_topk_scaling_factor", None)
         in (None, 1.0),

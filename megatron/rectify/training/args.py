@@ -164,8 +164,12 @@ def rectify_arg_problems(args: argparse.Namespace) -> list[str]:
     dispatcher = dispatcher_problem(args)
     if dispatcher:
         problems.append(dispatcher)
-    if rectifying and args.num_experts is None:
-        problems.append("--moe-rectify needs an MoE model: set --num-experts.")
+    if "--moe-rectify" not in rectifying and rectifying and args.num_experts is None:
+        # (--moe-rectify itself is checked by validate_rectify_settings above)
+        problems.append(
+            f"--moe-rectify-eval {rectifying['--moe-rectify-eval']} needs an MoE model: set "
+            "--num-experts."
+        )
     if "--moe-rectify-eval" in rectifying and args.num_experts is not None:
         try:
             validate_rectify_settings(_EvalModeArgs(args))
