@@ -15,12 +15,13 @@ from typing import Any
 from benchmarks.perf.plots import LAYER_TARGET, plot_bytes, plot_ratio_by_axis, plot_ratio_vs_hidden
 from benchmarks.perf.tables import base_row, part_markdown, spread
 
-PARTS = ("router", "layer", "iteration", "bytes")
+PARTS = ("router", "layer", "iteration", "bytes", "syncs")
 PART_TITLES = {
     "router": "Router forward+backward: RectifyRouter (IR+FR) / TopKRouter",
     "layer": "One MoE layer forward+backward: RectifyMoELayer (IR+FR) / MoELayer",
     "iteration": "Full training iteration: MoE GPT with IR+FR / with megatron's routing",
     "bytes": "EP all-to-all bytes sent to other ranks",
+    "syncs": "Host synchronisations per MoE layer forward+backward",
 }
 
 
@@ -107,7 +108,7 @@ def _provenance(result: dict[str, Any]) -> str:
         f"({m['logical_cpus']} logical CPUs), torch {m['torch']}, megatron-core "
         f"{m['megatron_core']}"
     )
-    if result["part"] != "bytes":
+    if result["part"] not in ("bytes", "syncs"):
         text += f" - {result['warmup']} warm-up rounds, then at least {result['repeats']} timed"
         text += f" repeats (more within {result.get('budget_s', 0):g} s per setting)"
     text += f" - wall time {result['wall_s']:.0f} s"
@@ -173,6 +174,13 @@ def part_notes(result: dict[str, Any]) -> str:
         "`benchmarks/perf/redispatch.py`) sends each token that lost a top-k choice to its "
         "(k+1)-th choice in a second all-to-all round (no padding, no capacity). Without "
         "padding, FR adds the filled-in tokens' bytes (rows with pad = no).",
+        "syncs": "Operations that make the host wait for the GPU, per MoE layer call (forward "
+        "and backward), counted on rank 0 after one warm-up call, every mode from the same "
+        "weights and tokens; `tp` is tensor = expert-tensor parallelism (sequence parallel). "
+        "On CPU they are counted by rule (`.item()`, `.tolist()`, `nonzero`, boolean-mask "
+        "indexing, `bincount`, explicit `synchronize`, ...: `benchmarks/perf/syncs.py`), on a "
+        "GPU with `torch.cuda.set_sync_debug_mode`. Targets: FR adds 0 syncs to megatron's "
+        "padded path; IR adds at most 1 per layer call.",
     }
     return notes[result["part"]]
 

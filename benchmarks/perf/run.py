@@ -3,6 +3,7 @@
     python -m benchmarks.perf                          # = make bench-perf (default preset, CPU)
     python -m benchmarks.perf --parts router           # = make bench-router
     python -m benchmarks.perf --parts layer            # = make bench-layer
+    python -m benchmarks.perf --parts syncs            # host syncs per layer call (counts)
     python -m benchmarks.perf --preset full            # bigger CPU sweep (~30 minutes)
     python -m benchmarks.perf --report-only            # plots + markdown from the JSON files
     torchrun --nproc-per-node 8 -m benchmarks.perf --preset gpu --bf16 --out gpu_check_out/perf
@@ -73,7 +74,7 @@ def command_line() -> str:
 
 def run_part(part: str, args: argparse.Namespace) -> dict[str, Any]:
     """Measure one part; returns its JSON document."""
-    from benchmarks.perf import a2a_bytes, iteration, layer, router
+    from benchmarks.perf import a2a_bytes, iteration, layer, router, syncs
 
     repeats, warmup, budget_s = REPEATS[args.preset].get(part, (0, 0, 0))
     repeats, warmup = args.repeats or repeats, args.warmup if args.warmup is not None else warmup
@@ -89,6 +90,9 @@ def run_part(part: str, args: argparse.Namespace) -> dict[str, Any]:
         sweep = sweeps.layer_sweep(args.preset, world)
         cases = [c for c in sweep.cases if sweeps.fits(c, world)]
         rows = layer.run(cases, repeats, warmup, budget_s=budget_s, **precision)
+    elif part == "syncs":
+        sweep = sweeps.syncs_sweep(args.preset, world)
+        rows = syncs.run(sweep.cases)
     elif part == "iteration":
         sweep = sweeps.iteration_sweep(args.preset, world)
         cases = [c for c in sweep.cases if sweeps.fits(c, world)]

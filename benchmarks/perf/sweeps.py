@@ -72,6 +72,22 @@ class IterationCase:
         return self.ffn_mult * self.hidden
 
 
+@dataclass(frozen=True)
+class SyncCase:
+    """Host synchronisations of one MoE layer call: ``tp`` is tensor = expert-tensor
+    parallelism (sequence parallel when > 1), on ``tp * ep`` ranks; ``tokens`` per rank."""
+
+    tp: int
+    ep: int
+    pad: bool
+    tokens: int = 256
+    hidden: int = 32
+    experts: int = 8
+    topk: int = 2
+    capacity_factor: float = 0.75
+    ffn_mult: int = 4
+
+
 @dataclass
 class Sweep:
     """A base case, the axes varied around it, and the distinct cases to measure."""
@@ -203,3 +219,21 @@ def bytes_sweep(preset: str, world: int | None = None) -> Sweep:
     ]
     cases.append(dataclasses.replace(base, pad=False))
     return Sweep(base, {"ep": eps, "topk": [1, 2], "capacity_factor": [0.75, 1.0, 1.25]}, cases)
+
+
+def syncs_sweep(preset: str, world: int | None = None) -> Sweep:
+    """Host syncs per layer call: a grid over (TP, EP) and padding (counts, not timings, so
+    small sizes say the same as big ones; the GPU preset uses the launch's GPUs for EP)."""
+    layouts = [(1, 1), (1, 2), (2, 1)]
+    base = SyncCase(tp=1, ep=1, pad=True)
+    if preset == "gpu":
+        base = SyncCase(tp=1, ep=1, pad=True, tokens=4096, hidden=1024, experts=16)
+        layouts = sorted({(1, 1), (1, with_world_ep(base, world).ep)})
+    cases = [
+        dataclasses.replace(base, tp=tp, ep=ep, pad=pad)
+        for tp, ep in layouts
+        for pad in (True, False)
+    ]
+    return Sweep(
+        base, {"tp, ep": [list(layout) for layout in layouts], "pad": [True, False]}, cases
+    )

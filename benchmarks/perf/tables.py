@@ -218,6 +218,38 @@ def bytes_layer_table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(rows, columns)
 
 
+def _sync_sites(row: dict[str, Any]) -> str:
+    """Where the rectified modes' extra syncs come from (sites absent from megatron's)."""
+    vanilla = {(s["phase"], s["site"], s["kind"]) for s in row["modes"]["none"]["sites"]}
+    extra: dict[str, int] = {}
+    for mode in ("fr", "ir", "ir+fr"):
+        for s in row["modes"][mode]["sites"]:
+            if (s["phase"], s["site"], s["kind"]) not in vanilla:
+                key = f"{s['site'].rsplit('/', 1)[-1]} {s['kind']}"
+                extra[key] = max(extra.get(key, 0), s["count"])
+    return "; ".join(f"{k} x{n}" for k, n in sorted(extra.items())) or "-"
+
+
+def syncs_table(rows: list[dict[str, Any]]) -> str:
+    """Host syncs per layer call: forward / backward per mode, megatron's and ours."""
+
+    def mode(name: str) -> Callable[[dict[str, Any]], Any]:
+        def cell(row: dict[str, Any]) -> str:
+            m = row["modes"][name]
+            return f"{m['forward']} / {m['backward']} (mc {m['megatron']}, ours {m['rectify']})"
+
+        return cell
+
+    columns: list[Column] = [
+        ("tp", _key("tp")),
+        ("ep", _key("ep")),
+        ("pad", lambda r: "yes" if r["pad"] else "no"),
+        *[(f"{name} fwd / bwd", mode(name)) for name in ("none", "fr", "ir", "ir+fr")],
+        ("extra vs none (site, kind, max count)", _sync_sites),
+    ]
+    return markdown_table(rows, columns)
+
+
 def part_markdown(result: dict[str, Any]) -> str:
     """The tables of one part (also printed by the driver right after measuring)."""
     part = result["part"]
@@ -227,6 +259,8 @@ def part_markdown(result: dict[str, Any]) -> str:
         return layer_table(result)
     if part == "iteration":
         return iteration_table(result)
+    if part == "syncs":
+        return syncs_table(result["rows"])
     rows = result["rows"]
     return (
         f"Per training iteration (the iteration part's base model after "

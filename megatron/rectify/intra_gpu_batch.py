@@ -20,8 +20,10 @@ Shapes: ``T`` tokens of this rank, ``H`` hidden size, ``L`` local experts, ``n``
 ``N`` IR tokens of this rank, ``N_g`` IR tokens of the whole expert-TP group.
 Must not touch: routing decisions (it receives ``ir_expert`` / ``ir_probs``), the EP
 all-to-all, the experts. IR tokens add zero inter-rank bytes on the EP all-to-all.
-NOTE: the IR batch is variable-sized, so its per-expert counts need one host sync per call
-(``split``; ``interleave`` reads the received counts too). It is therefore not part of
+NOTE: the IR batch is variable-sized, so its per-expert counts reach the host: measured with
+``python -m benchmarks.perf --parts syncs``, IR adds 4 host syncs per layer call (``split``:
+nonzero, bincount, tolist; ``interleave``: tolist), 6 with expert-TP (the counts' all-gather).
+FR alone builds no IR batch and adds none. It is therefore not part of
 megatron's ``cudagraph_attrs``: capturing the MoE preprocess in a CUDA graph is only valid with
 IR off.
 """
@@ -59,7 +61,8 @@ def intra_gpu_batch(
     local = ir_expert[rectified] - local_expert_start
     order = local.argsort(stable=True)
     token_indices = rectified[order]
-    counts = torch.bincount(local, minlength=num_local).tolist()  # the one host sync
+    # host syncs on CUDA: nonzero above, bincount and tolist here (see `--parts syncs`)
+    counts = torch.bincount(local, minlength=num_local).tolist()
     return IntraGpuBatch(token_indices, counts, ir_probs[token_indices])
 
 

@@ -154,4 +154,5 @@ def reference_rectified_routing(
         dropped_map=to_map(chosen - kept),
         padding_map=to_map(padding),
         capacity=capacity,
+        intra_gpu=options.intra_gpu,
     )

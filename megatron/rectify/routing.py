@@ -81,6 +81,8 @@ class RectifiedRouting:
         padding_map: zero-weight pairs that pad each column to ``C`` (empty without padding to
             capacity), [T, E] bool; disjoint from ``routed_map``.
         capacity: slots per expert for this rank's tokens (``C``).
+        intra_gpu: whether IR ran for this call. When it did not, the dispatcher skips the IR
+            side batch altogether (building an empty one would still cost host syncs).
     """
 
     probs: torch.Tensor
@@ -92,6 +94,7 @@ class RectifiedRouting:
     dropped_map: torch.Tensor
     padding_map: torch.Tensor
     capacity: int
+    intra_gpu: bool = False
 
     @property
     def routed_map(self) -> torch.Tensor:
@@ -202,7 +205,9 @@ def slot_winners(
     order = key.reshape(-1).argsort(descending=True)
     order = order[flat_experts[order].argsort(stable=True)]
     sorted_experts = flat_experts[order]
-    per_expert = torch.bincount(flat_experts, minlength=num_experts)
+    # scatter_add, not bincount: CUDA's bincount reads the input's range on the host (a sync)
+    per_expert = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    per_expert = per_expert.scatter_add(0, flat_experts, torch.ones_like(flat_experts))
     group_start = per_expert.cumsum(0) - per_expert
     slot = torch.arange(order.numel(), device=device) - group_start[sorted_experts]
     won = torch.empty(order.numel(), dtype=torch.bool, device=device)
@@ -432,4 +437,5 @@ def rectified_routing(
         dropped_map=requests_to_map(topk_indices, ~kept_won, num_experts),
         padding_map=padding_map,
         capacity=capacity,
+        intra_gpu=options.intra_gpu,
     )

@@ -66,7 +66,7 @@ class MoERectifyAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         decision: RectifiedRouting | None = None,
     ):
         """(1*) split off the decision's IR batch; (1) megatron's preprocess + permute."""
-        if decision is None:
+        if decision is None or not decision.intra_gpu:  # FR alone: no IR side batch at all
             self.intra_gpu.split(hidden_states, None, None)
         else:
             self.intra_gpu.split(hidden_states, decision.ir_expert, decision.ir_probs)

@@ -106,20 +106,24 @@ def mixtral_checkpoint(hf_mixtral: Path, tmp_path_factory: pytest.TempPathFactor
         "--moe-token-dispatcher-type",
         "alltoall",
     ]
-    out = ok(
-        run_tool(
-            "convert_hf.py",
-            "import",
-            "--hf-dir",
-            str(hf_mixtral),
-            "--save-dir",
-            str(save),
-            "--target-expert-parallel-size",
-            "2",
-            *recorded,
-        )
+    run = run_tool(
+        "convert_hf.py",
+        "import",
+        "--hf-dir",
+        str(hf_mixtral),
+        "--save-dir",
+        str(save),
+        "--target-expert-parallel-size",
+        "2",
+        *recorded,
     )
-    assert "wrote" in out
+    ok(run)
+    wrote = re.search(r"wrote (\d+) tensors", run.stdout)
+    assert wrote is not None, run.stdout
+    # progress on stderr: phases and a summary with the tensor count (bytes, rate, time)
+    assert "convert_hf.py import: building the megatron model" in run.stderr
+    assert f"convert_hf.py import: filled {wrote.group(1)} tensors, " in run.stderr, run.stderr
+    assert "convert_hf.py import: saved in " in run.stderr
     return save
 
 
@@ -208,20 +212,22 @@ def test_hf_to_megatron_to_hf_is_bit_identical(
     hf_mixtral: Path, mixtral_checkpoint: Path, tmp_path: Path
 ) -> None:
     out_dir = tmp_path / "hf"
-    ok(
-        run_tool(
-            "convert_hf.py",
-            "export",
-            "--load-dir",
-            str(mixtral_checkpoint),
-            "--hf-dir",
-            str(out_dir),
-            "--dtype",
-            "fp32",
-            "--max-shard-size-gb",
-            "0.0004",
-        )
+    run = run_tool(
+        "convert_hf.py",
+        "export",
+        "--load-dir",
+        str(mixtral_checkpoint),
+        "--hf-dir",
+        str(out_dir),
+        "--dtype",
+        "fp32",
+        "--max-shard-size-gb",
+        "0.0004",
     )
+    ok(run)
+    wrote = re.search(r"wrote (\d+) tensors", run.stdout)
+    assert wrote is not None, run.stdout
+    assert f"convert_hf.py export: wrote {wrote.group(1)} tensors, " in run.stderr, run.stderr
     assert (out_dir / "model.safetensors.index.json").is_file()  # sharded: several files
     original, exported = hf_tensors(hf_mixtral), hf_tensors(out_dir)
     assert sorted(original) == sorted(exported)
@@ -240,18 +246,19 @@ def test_dense_llama_round_trip_crops_the_padded_vocabulary(hf_llama: Path, tmp_
         run_tool("convert_hf.py", "import", "--hf-dir", str(hf_llama), "--save-dir", str(save))
     )
     assert "padded vocabulary 512" in out
-    ok(
-        run_tool(
-            "convert_hf.py",
-            "export",
-            "--load-dir",
-            str(save),
-            "--hf-dir",
-            str(out_dir),
-            "--dtype",
-            "fp32",
-        )
+    quiet = run_tool(
+        "convert_hf.py",
+        "export",
+        "--load-dir",
+        str(save),
+        "--hf-dir",
+        str(out_dir),
+        "--dtype",
+        "fp32",
+        "--quiet",
     )
+    ok(quiet)  # --quiet: no progress, no summary (megatron's own log lines may remain)
+    assert "convert_hf.py" not in quiet.stdout + quiet.stderr, quiet.stdout + quiet.stderr
     original, exported = hf_tensors(hf_llama), hf_tensors(out_dir)
     assert sorted(original) == sorted(exported)
     assert all(torch.equal(original[name], exported[name]) for name in original)
@@ -268,7 +275,7 @@ def test_upcycled_llama_reproduces_the_dense_logits_at_step_zero(
     dense function, also at capacity 1.0 because IR+FR keep every token (IR's experts on the
     token's own rank are copies too)."""
     save = tmp_path / "moe"
-    ok(
+    out = ok(
         run_tool(
             "upcycle_dense_to_moe.py",
             "--hf-dir",
@@ -283,6 +290,7 @@ def test_upcycled_llama_reproduces_the_dense_logits_at_step_zero(
             "2",
         )
     )
+    assert re.search(r"upcycle_dense_to_moe\.py: filled \d+ tensors, ", out), out[-3000:]
     megatron = read_full_tensors(save)
     hf = hf_tensors(hf_llama)
     fc1 = megatron["decoder.layers.mlp.experts.experts.linear_fc1.weight"]

@@ -14,6 +14,7 @@
 
 Conversion runs on the CPU (GPUs are hidden); flags the tool does not know are megatron /
 pretrain_gpt_rectify.py flags. Outputs appear only when complete (staging folder + rename).
+import / export report progress on stderr (tensors and bytes done, rate, ETA; --quiet: none).
 """
 
 import os
@@ -25,7 +26,7 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""  # conversion is a CPU job: hide GPUs be
 
 import argparse  # noqa: E402
 
-from megatron.rectify.checkpoint.cli import add_layout_args, run_tool  # noqa: E402
+from megatron.rectify.checkpoint.cli import add_layout_args, add_quiet_arg, run_tool  # noqa: E402
 
 PROG = "convert_hf.py"
 
@@ -39,6 +40,7 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
     imp.add_argument("--save-dir", required=True, help="megatron checkpoint folder to create")
     imp.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     imp.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
+    add_quiet_arg(imp)
     add_layout_args(imp)
 
     exp = commands.add_parser("export", help="megatron checkpoint -> HF Mixtral/Llama folder")
@@ -54,6 +56,7 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
         "recorded on import, else megatron's padded size",
     )
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --hf-dir")
+    add_quiet_arg(exp)
 
     ver = commands.add_parser(
         "verify", help="compare megatron logits (any TP/EP layout, torchrun) with the HF model's"
@@ -70,8 +73,11 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
 
 def main() -> None:
     from megatron.rectify.checkpoint import convert
+    from megatron.rectify.progress import Progress
 
     options, megatron_flags = parse()
+    if options.command in ("import", "export"):
+        progress = Progress(f"{PROG} {options.command}", quiet=options.quiet)
     if options.command == "import":
         layout = convert.ParallelLayout(
             options.target_tensor_parallel_size,
@@ -80,12 +86,13 @@ def main() -> None:
         )
         result = convert.import_hf(
             options.hf_dir, options.save_dir, megatron_flags, layout, options.dtype,
-            overwrite=options.overwrite,
+            overwrite=options.overwrite, progress=progress,
         )  # fmt: skip
-        print(
-            f"{PROG}: wrote {result['tensors']} tensors to {options.save_dir} (release "
-            f"checkpoint, padded vocabulary {result['padded_vocab_size']})"
-        )
+        if not options.quiet:
+            print(
+                f"{PROG}: wrote {result['tensors']} tensors to {options.save_dir} (release "
+                f"checkpoint, padded vocabulary {result['padded_vocab_size']})"
+            )
     elif options.command == "export":
         result = convert.export_hf(
             options.load_dir,
@@ -95,9 +102,11 @@ def main() -> None:
             options.overwrite,
             options.vocab_size,
             megatron_flags,
+            progress,
         )
         kind = "Mixtral" if result["architecture"].is_moe else "Llama"
-        print(f"{PROG}: wrote {result['tensors']} tensors to {options.hf_dir} ({kind} format)")
+        if not options.quiet:
+            print(f"{PROG}: wrote {result['tensors']} tensors to {options.hf_dir} ({kind} format)")
     else:
         from megatron.rectify.checkpoint.verify import verify_logits
 

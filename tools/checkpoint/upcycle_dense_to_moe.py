@@ -11,6 +11,7 @@ every other layer of a 32-layer model). With top-1 routing (and the straight-thr
 of ``--moe-rectify``) the upcycled model reproduces the dense model's logits at step 0 - check
 with ``convert_hf.py verify --hf-dir <dense> --load-dir <upcycled>``.
 Other flags are megatron / pretrain_gpt_rectify.py flags, recorded in the checkpoint's args.
+Progress (tensors and bytes done, rate, ETA) goes to stderr; --quiet prints errors only.
 """
 
 import os
@@ -22,19 +23,21 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""  # conversion is a CPU job: hide GPUs be
 
 import argparse  # noqa: E402
 
-from megatron.rectify.checkpoint.cli import add_layout_args, run_tool  # noqa: E402
+from megatron.rectify.checkpoint.cli import add_layout_args, add_quiet_arg, run_tool  # noqa: E402
 
 PROG = "upcycle_dense_to_moe.py"
 
 
 def main() -> None:
     from megatron.rectify.checkpoint import convert
+    from megatron.rectify.progress import Progress
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--hf-dir", required=True, help="dense HF Llama folder")
     parser.add_argument("--save-dir", required=True, help="megatron checkpoint folder to create")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--overwrite", action="store_true")
+    add_quiet_arg(parser)
     add_layout_args(parser)
     options, megatron_flags = parser.parse_known_args()
     layout = convert.ParallelLayout(
@@ -44,9 +47,11 @@ def main() -> None:
     )
     result = convert.import_hf(
         options.hf_dir, options.save_dir, megatron_flags, layout, options.dtype, upcycle=True,
-        overwrite=options.overwrite,
+        overwrite=options.overwrite, progress=Progress(PROG, quiet=options.quiet),
     )  # fmt: skip
-    print(f"{PROG}: wrote {result['tensors']} tensors to {options.save_dir} (release checkpoint)")
+    if not options.quiet:
+        print(f"{PROG}: wrote {result['tensors']} tensors to {options.save_dir} (release "
+              "checkpoint)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,6 +17,16 @@ def add_layout_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target-expert-parallel-size", type=int, default=1)
 
 
+def add_quiet_arg(parser: argparse.ArgumentParser) -> None:
+    """``--quiet``: without it, phases, tensors / bytes done, rate and ETA go to stderr."""
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print errors only (no progress on stderr, no summary); without it, phases and "
+        "tensors / bytes done, rate and ETA are printed to stderr about once a second",
+    )
+
+
 def run_tool(name: str, main: Callable[[], None]) -> None:
     """Run ``main``; a :class:`CheckpointToolError` becomes one line on stderr and exit 2."""
     try:

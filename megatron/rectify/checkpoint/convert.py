@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,12 @@ from megatron.rectify.checkpoint.hf_architecture import (
 )
 from megatron.rectify.checkpoint.hf_files import (
     DTYPE_NAMES,
+    DTYPES,
     HFCheckpointReader,
     write_hf_checkpoint,
 )
 from megatron.rectify.checkpoint.hf_weights import hf_tensors_from_megatron, megatron_tensor_from_hf
+from megatron.rectify.progress import Progress
 
 #: Flags the tools derive from the HF config: the user may not set them too.
 ARCHITECTURE_FLAGS = frozenset(
@@ -96,12 +99,15 @@ def import_hf(
     dtype: str = "fp32",
     upcycle: bool = False,
     overwrite: bool = False,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """HF Llama/Mixtral folder -> megatron ``release`` checkpoint of the rectified MoE GPT.
 
     ``upcycle``: the HF model is dense (Llama) and ``user_flags`` make an MoE (``--num-experts``):
     every expert starts as a copy of its layer's FFN, routers as megatron initialises them.
+    ``progress``: where phases and tensors / bytes done are reported (default: nowhere).
     """
+    progress = progress or Progress("", quiet=True)
     check_destination(save_dir, overwrite)
     reader = HFCheckpointReader(hf_dir)
     try:
@@ -170,8 +176,9 @@ def import_hf(
             padded_vocab_size=vocab_rows,
             prog="convert" if not upcycle else "upcycle",
         )
+        progress.note("building the megatron model")
         model = session.build_model()
-        filled = _fill_from_hf(model, reader, arch, vocab_rows, upcycle)
+        filled = _fill_from_hf(model, reader, arch, vocab_rows, upcycle, progress)
         unused = reader.unused()
         if unused:
             raise CheckpointToolError(
@@ -179,7 +186,10 @@ def import_hf(
                 f"(e.g. {unused[:3]}); refusing to drop them"
             )
         _record_provenance(args, layout, arch, hf_dir, upcycle)
+        progress.note("saving the torch_dist checkpoint")
+        started = time.monotonic()
         session.save_release_checkpoint(model, recorded_save_dir=Path(save_dir).absolute())
+        progress.note(f"saved in {time.monotonic() - started:.1f} s")
     return {"tensors": filled, "padded_vocab_size": vocab_rows, "architecture": arch}
 
 
@@ -189,10 +199,12 @@ def _fill_from_hf(
     arch: Architecture,
     vocab_rows: int,
     upcycle: bool,
+    progress: Progress,
 ) -> int:
     from megatron.rectify.router import RectifyRouter
 
     state = session.megatron_state_dict(model)
+    progress.begin(len(state), sum(_nbytes(tensor) for tensor in state.values()))
     routers = {
         f"{name}.weight": module
         for name, module in model.named_modules()
@@ -206,6 +218,7 @@ def _fill_from_hf(
                 router.config.perform_initialization = True
                 router.reset_parameters()
                 router.config.perform_initialization = False
+                progress.advance(1, _nbytes(destination))
                 continue
             if tuple(value.shape) != tuple(destination.shape):
                 raise CheckpointToolError(
@@ -213,7 +226,13 @@ def _fill_from_hf(
                     f"{tuple(value.shape)}"
                 )
             destination.copy_(value.to(destination.dtype))
+            progress.advance(1, _nbytes(destination))
+    progress.finish("filled")
     return len(state)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _record_provenance(
@@ -236,10 +255,15 @@ def export_hf(
     overwrite: bool = False,
     vocab_size: int | None = None,
     extra_flags: list[str] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """megatron checkpoint (any layout it was saved in) -> HF Mixtral (or Llama when dense)."""
+    """megatron checkpoint (any layout it was saved in) -> HF Mixtral (or Llama when dense).
+
+    ``progress``: where phases and tensors / bytes written are reported (default: nowhere).
+    """
     from megatron.rectify.checkpoint.layout import read_checkpoint_args
 
+    progress = progress or Progress("", quiet=True)
     check_destination(hf_dir, overwrite)
     saved = read_checkpoint_args(load_dir)
     vocab = vocab_size or getattr(saved, "hf_vocab_size", None) or saved.padded_vocab_size
@@ -255,15 +279,37 @@ def export_hf(
         prog="convert export",
         routing_from_checkpoint=False,  # the weights do not depend on the routing
     )
+    progress.note(f"building the megatron model and loading {load_dir}")
+    started = time.monotonic()
     model = session.build_model()
     session.load_model_weights(model)
+    progress.note(f"loaded in {time.monotonic() - started:.1f} s")
     state = session.megatron_state_dict(model)
     config = hf_config_from_architecture(arch, DTYPE_NAMES[dtype])
+    progress.begin(total_bytes=_hf_nbytes(state, arch, DTYPES[dtype]))
     with atomic_output_dir(hf_dir, overwrite) as staging:
         count = write_hf_checkpoint(
-            staging, config, hf_tensors_from_megatron(state, arch), dtype, max_shard_bytes
+            staging,
+            config,
+            hf_tensors_from_megatron(state, arch),
+            dtype,
+            max_shard_bytes,
+            on_tensor=lambda nbytes: progress.advance(1, nbytes),
         )
+    progress.finish("wrote")
     return {"tensors": count, "architecture": arch}
+
+
+def _hf_nbytes(state: dict[str, torch.Tensor], arch: Architecture, dtype: torch.dtype) -> int:
+    """Bytes of the exported tensors: the state in ``dtype``, vocabulary rows cropped."""
+    vocab_tensors = ("embedding.word_embeddings.weight", "output_layer.weight")
+    elements = sum(
+        min(tensor.shape[0], arch.vocab_size) * tensor[0].numel()
+        if name in vocab_tensors
+        else tensor.numel()
+        for name, tensor in state.items()
+    )
+    return elements * torch.empty((), dtype=dtype).element_size()
 
 
 def megatron_logits(tokens: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:

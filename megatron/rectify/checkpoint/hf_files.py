@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +137,11 @@ def write_hf_checkpoint(
     tensors: Iterable[tuple[str, torch.Tensor]],
     dtype: str,
     max_shard_bytes: int,
+    on_tensor: Callable[[int], None] | None = None,
 ) -> int:
     """Write ``tensors`` (cast to ``dtype``) into safetensors shards of at most
     ``max_shard_bytes``, the index and ``config.json``; returns the number of tensors.
+    ``on_tensor(nbytes)`` is called after each tensor is taken (progress).
 
     A shard is written as soon as it is full, so at most one shard is held in memory beside
     the model. (Tensors are cloned: safetensors refuses views that share storage, such as the
@@ -167,6 +169,8 @@ def write_hf_checkpoint(
         shard[name] = tensor
         shard_bytes += size
         total_bytes += size
+        if on_tensor is not None:
+            on_tensor(size)
     if shard or not written:
         flush()
     weight_map = {}
