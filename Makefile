@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit test-distributed test-gpu lint format bench-quality bench-quality-upcycle bench-perf bench-router bench-layer clean-venv
+.PHONY: setup demo test test-unit test-distributed test-gpu fuzz-options lint format bench-quality bench-quality-upcycle bench-quality-layout bench-quality-layer-cost bench-perf bench-router bench-layer bench-at-scale clean-venv
 
 setup: $(VENV)/.setup-stamp
 
@@ -31,6 +31,12 @@ test-distributed: setup
 test-gpu: setup
 	$(PY) -m pytest tests/gpu $(PYTEST_ARGS)
 
+## Random combinations of the megatron options in docs/compatibility.md with random rectify modes
+## (50 by default, seed 0; FUZZ_ARGS="--count 80 --seed 1"): each must train 2 iterations of a
+## tiny MoE GPT on CPU or stop with one line. Not in CI (it trains; about 30 s per combination).
+fuzz-options: setup
+	$(PY) scripts/fuzz_options.py $(FUZZ_ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -53,6 +59,13 @@ bench-router: setup
 bench-layer: setup
 	$(PY) -m benchmarks.perf --parts layer $(BENCH_ARGS)
 
+## At-scale cost model: one MoE layer and a training step per routing mode on an H100 cluster
+## (Mixtral-8x7B, the paper's layouts, 64 experts top-6), validated against the CPU layer benchmark
+## with this machine's calibrated GEMM rate and gloo bandwidth. Writes docs/results/at-scale.md +
+## .json + .png; about 2 minutes on 2 CPU cores. AT_SCALE_ARGS="--report-only" to rebuild the page.
+bench-at-scale: setup
+	$(PY) -m benchmarks.at_scale $(AT_SCALE_ARGS)
+
 ## Quality reproduction of the paper (grid, capacity sweep, inference-only rectification, LB on/off;
 ## 3 seeds): trains small MoE GPTs, writes docs/results/quality.md + quality_*.png. Finished runs are
 ## cached in benchmarks/quality/runs/ (an interrupted run resumes). QUALITY_ARGS="--quick" to smoke
@@ -60,12 +73,29 @@ bench-layer: setup
 bench-quality: setup
 	$(PY) -m benchmarks.quality $(QUALITY_ARGS)
 
-## The paper's recipe: one dense model first, then its upcycled MoE variants (Top-1 grid at cf 1.0 and
-## inference-only rectification, 3 seeds, 16 runs, about 13 minutes on 2 CPU cores); writes
-## docs/results/quality_upcycle.md + quality_upcycle_*.png.
+## The paper's recipe: one dense model first, then its upcycled MoE variants (Top-1 grid, Top-2 and
+## Top-2+FR+IR at cf 1.0, inference-only rectification, 3 seeds, 22 runs, about 20 minutes on 2 CPU
+## cores); writes docs/results/quality_upcycle.md + quality_upcycle_*.png.
 bench-quality-upcycle: setup
 	$(PY) -m benchmarks.quality --recipe upcycle --experiments grid,inference \
-		--variants 'Top-1,Top-1 (gate 1),Top-1+IR,Top-1+FR,Top-1+FR+IR' $(QUALITY_ARGS)
+		--variants 'Top-1,Top-1 (gate 1),Top-1+IR,Top-1+FR,Top-1+FR+IR,Top-2,Top-2+FR+IR' \
+		$(QUALITY_ARGS)
+
+## The paper's layout (one expert per EP rank: 4 experts on EP 4, 4 gloo processes) against the same
+## model with all 4 experts on every rank (EP 1, same 4 processes and batch): Top-1, +IR, +FR, +FR+IR
+## at cf 1.0, 3 seeds; writes docs/results/quality_layout_ep4.md and quality_layout_ep1.md.
+LAYOUT_ARGS = --nproc 4 --num-experts 4 --micro-batch-size 4 --experiments grid \
+	--variants 'Top-1,Top-1+IR,Top-1+FR,Top-1+FR+IR'
+bench-quality-layout: setup
+	$(PY) -m benchmarks.quality $(LAYOUT_ARGS) --expert-parallel 4 --report-name quality_layout_ep4 \
+		$(QUALITY_ARGS)
+	$(PY) -m benchmarks.quality $(LAYOUT_ARGS) --expert-parallel 1 --report-name quality_layout_ep1 \
+		$(QUALITY_ARGS)
+
+## Measured cost of the quality model's MoE layer (Top-1/Top-2, vanilla/FR+IR; ~3 minutes):
+## docs/results/quality_layer_cost.json, for the compute-matched table in docs/results.md.
+bench-quality-layer-cost: setup
+	$(PY) -m benchmarks.quality.layer_cost
 
 clean-venv:
 	rm -rf $(VENV)

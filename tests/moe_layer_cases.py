@@ -55,12 +55,13 @@ def make_config(case: dict, world_size: int):
         num_moe_experts=case["experts"],
         moe_router_topk=case["topk"],
         moe_router_pre_softmax=case["topk"] == 1,
-        moe_token_dispatcher_type="alltoall",
+        moe_token_dispatcher_type=case.get("dispatcher", "alltoall"),
         moe_expert_capacity_factor=case.get("capacity_factor", 0.75),
         moe_pad_expert_input_to_capacity=case.get("pad", True),
         moe_aux_loss_coeff=0.0,
         moe_rectify=mode,
         moe_rectify_ir_trigger=ir_trigger(case),
+        moe_rectify_ir_capacity_factor=case.get("ir_capacity_factor"),
         tensor_model_parallel_size=tp,
         expert_model_parallel_size=case.get("ep", 1),
         expert_tensor_parallel_size=case.get("etp", 1),
@@ -174,7 +175,9 @@ def reference(case: dict, world_size: int) -> dict[str, torch.Tensor]:
     ep = case.get("ep", 1)
     experts_per_rank = num_experts // ep
     mode = case.get("mode", "ir+fr")
-    options = RectifyOptions.from_mode(mode, ir_trigger=ir_trigger(case))
+    options = RectifyOptions.from_mode(
+        mode, ir_trigger=ir_trigger(case), ir_capacity_factor=case.get("ir_capacity_factor")
+    )
     weights = {k: v.clone().requires_grad_() for k, v in global_weights(num_experts).items()}
     x_all, upstream_all = rank_tokens(world_size)
     x_all = x_all.clone().requires_grad_()
@@ -241,6 +244,7 @@ def layer_vs_reference(rank: int, world_size: int, case: dict) -> dict:
         "rectified": int(stats.rectified),
         "filled_in": int(stats.filled_in),
         "dropped": int(stats.dropped),
+        "ir_over_budget": int(stats.ir_over_budget),
     }
 
 

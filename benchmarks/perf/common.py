@@ -56,13 +56,25 @@ def _distributed_world() -> int:
 
 
 def timed_call(fn: Callable[[], Any]) -> float:
-    """Seconds one call of ``fn`` takes on this rank, all ranks starting together."""
+    """Seconds one call of ``fn`` takes on this rank, all ranks starting together.
+
+    On a GPU: CUDA events around the call on the current stream, which is idle when the start
+    event is recorded (everything queued before was waited for), so the span also holds the
+    time the GPU waited for the host (launches, host syncs) - what the step costs; the device
+    is synchronised again after, so the next call starts idle too. On CPU: a host timer."""
     if _distributed_world() > 1:
         torch.distributed.barrier()
     synchronize()
+    if on_gpu():
+        start_event = torch.cuda.Event(enable_timing=True)
+        end_event = torch.cuda.Event(enable_timing=True)
+        start_event.record()
+        fn()
+        end_event.record()
+        synchronize()
+        return start_event.elapsed_time(end_event) / 1e3
     start = time.perf_counter()
     fn()
-    synchronize()
     return time.perf_counter() - start
 
 

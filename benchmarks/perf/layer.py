@@ -20,6 +20,7 @@ from benchmarks.perf.common import (
     SEED,
     device,
     interleaved,
+    on_gpu,
     peak_memory_gib,
     reseed,
     run_per_ep,
@@ -39,9 +40,15 @@ def ir_trigger(mode: str) -> str:
 
 
 def layer_config(case: LayerCase, mode: str, bf16: bool = False, te: bool = False):
-    """The layer's ``TransformerConfig``; ``redispatch`` is megatron's routing (mode none)."""
+    """The layer's ``TransformerConfig``; ``redispatch`` is megatron's routing (mode none).
+
+    With ``case.vanilla_dropless`` megatron's layer (mode ``none``) has no capacity (dropless,
+    no padding). Weights are initialised on the GPU when there is one (a Mixtral-sized layer
+    has ~1 G parameters: seconds of CPU initialisation per case); every variant loads the
+    first one's ``state_dict`` anyway."""
     from megatron.rectify.config import RectifyTransformerConfig
 
+    dropless = case.vanilla_dropless and mode == "none"
     return RectifyTransformerConfig(
         num_layers=1,
         hidden_size=case.hidden,
@@ -52,8 +59,8 @@ def layer_config(case: LayerCase, mode: str, bf16: bool = False, te: bool = Fals
         moe_router_topk=case.topk,
         moe_router_pre_softmax=case.topk == 1,
         moe_token_dispatcher_type="alltoall",
-        moe_expert_capacity_factor=case.capacity_factor,
-        moe_pad_expert_input_to_capacity=case.pad,
+        moe_expert_capacity_factor=None if dropless else case.capacity_factor,
+        moe_pad_expert_input_to_capacity=case.pad and not dropless,
         moe_grouped_gemm=te,
         moe_aux_loss_coeff=0.0,
         moe_rectify="none" if mode in ("none", "redispatch") else mode,
@@ -62,7 +69,7 @@ def layer_config(case: LayerCase, mode: str, bf16: bool = False, te: bool = Fals
         add_bias_linear=False,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_cpu_initialization=True,
+        use_cpu_initialization=not on_gpu(),
         gradient_accumulation_fusion=False,
     )
 

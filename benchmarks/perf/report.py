@@ -52,8 +52,9 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
 
 def _case_words(result: dict[str, Any]) -> str:
     base = result["sweep"]["base"]
-    skip = {"ffn_mult", "heads", "vocab"}
-    return "(" + ", ".join(f"{k} {v}" for k, v in base.items() if k not in skip) + ")"
+    skip = {"ffn_mult", "heads", "vocab", "vanilla_dropless"}
+    words = [f"{k} {v}" for k, v in base.items() if k not in skip and v is not None]
+    return "(" + ", ".join(words) + ")"
 
 
 def layer_target_line(result: dict[str, Any]) -> str:
@@ -179,27 +180,34 @@ def part_notes(result: dict[str, Any]) -> str:
         "weights and tokens; `tp` is tensor = expert-tensor parallelism (sequence parallel). "
         "On CPU they are counted by rule (`.item()`, `.tolist()`, `nonzero`, boolean-mask "
         "indexing, `bincount`, explicit `synchronize`, ...: `benchmarks/perf/syncs.py`), on a "
-        "GPU with `torch.cuda.set_sync_debug_mode`. Targets: FR adds 0 syncs to megatron's "
-        "padded path; IR adds at most 1 per layer call.",
+        "GPU with `torch.cuda.set_sync_debug_mode`. `ir static` / `ir+fr static`: static IR "
+        "(`--moe-rectify-ir-capacity-factor 0.25`, a fixed-size IR batch). Targets: FR and "
+        "static IR add 0 syncs to megatron's path; dynamic IR (a variable-sized IR batch) stays "
+        "at its measured count, 4 per layer call (6 with expert-TP).",
     }
     return notes[result["part"]]
 
 
 def write_report(out_dir: Path, name: str = "perf.md") -> list[Path]:
-    """Plots + markdown from the JSON in ``out_dir``; returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Plots + markdown from the JSON in ``out_dir``; returns the files written. Without
+    matplotlib (the lent GPU machine's image has none) the markdown comes without plots."""
     results = load_results(out_dir)
-    images = [
-        path
-        for path in (
-            plot_ratio_vs_hidden(results, out_dir),
-            plot_ratio_by_axis(results, out_dir),
-            plot_bytes(results, out_dir),
-        )
-        if path is not None
-    ]
+    images: list[Path] = []
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: report without plots")
+    else:
+        matplotlib.use("Agg")
+        images = [
+            path
+            for path in (
+                plot_ratio_vs_hidden(results, out_dir),
+                plot_ratio_by_axis(results, out_dir),
+                plot_bytes(results, out_dir),
+            )
+            if path is not None
+        ]
     report = out_dir / name
     report.write_text(render(results, images) + "\n")
     return [report, *images]

@@ -7,6 +7,8 @@
     python -m benchmarks.perf --preset full            # bigger CPU sweep (~30 minutes)
     python -m benchmarks.perf --report-only            # plots + markdown from the JSON files
     torchrun --nproc-per-node 8 -m benchmarks.perf --preset gpu --bf16 --out gpu_check_out/perf
+    torchrun --standalone --nproc-per-node 1 -m benchmarks.perf --preset h200 --bf16
+        --parts router layer syncs --out gpu_check_out/perf   # one H200: scripts/gpu_check.sh
 
 Each part writes ``<out>/perf_<part>.json`` (rows, sweep, command, machine, date, wall time) and
 the report ``<out>/perf.md`` with ``<out>/perf_*.png`` is rebuilt from every part's JSON found in
@@ -42,6 +44,9 @@ REPEATS = {
     "default": {"router": (20, 3, 5), "layer": (20, 3, 15), "iteration": (15, 10, 12)},
     "full": {"router": (30, 5, 15), "layer": (30, 5, 40), "iteration": (20, 10, 40)},
     "gpu": {"router": (30, 5, 5), "layer": (30, 5, 10), "iteration": (20, 10, 20)},
+    # One lent H200, minutes counted (scripts/gpu_check.sh): a layer round is ~0.1-0.3 s, so
+    # 3 + 10 rounds are the floor and 6 s per setting the fill.
+    "h200": {"router": (20, 3, 3), "layer": (10, 3, 6), "iteration": (10, 5, 10)},
 }
 
 

@@ -6,7 +6,10 @@ answers the question asked ("how does the cost ratio move with X?"). The report 
 rows by comparing every other field with the base.
 
 Presets: ``quick`` (seconds; smoke tests), ``default`` (``make bench-perf``: 10-15 minutes on
-2 CPU cores), ``full`` (bigger, longer CPU sweep), ``gpu`` (sizes for ``scripts/gpu_check.sh``).
+2 CPU cores), ``full`` (bigger, longer CPU sweep), ``gpu`` (8-GPU sizes, EP over every GPU),
+``h200`` (what ``scripts/gpu_check.sh`` runs on ONE lent H200 within its minutes: Mixtral-like layer
+sizes - hidden 4096, FFN 14336, 8 experts - at EP = 1, top-1 / top-2, capacity 0.5 / 1.0 and a
+dropless vanilla reference).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-PRESETS = ("quick", "default", "full", "gpu")
+PRESETS = ("quick", "default", "full", "gpu", "h200")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,11 @@ class RouterCase:
 class LayerCase:
     """One MoE layer (alltoall dispatcher) on ``ep`` EP ranks; ``tokens`` per rank.
 
-    The FFN width is ``ffn_mult * hidden`` so that the hidden-size axis scales the whole layer.
+    The FFN width is ``ffn_mult * hidden`` so that the hidden-size axis scales the whole layer,
+    unless ``ffn_size`` fixes it (real model shapes, e.g. Mixtral's 14336 at hidden 4096).
+    ``vanilla_dropless``: the vanilla layer routes without capacity (megatron's dropless MoE,
+    which computes every top-k request), the rectified one with ``capacity_factor``: the price of
+    IR+FR's fixed buffers against dropless routing, which loses no token either.
     """
 
     ep: int
@@ -44,10 +51,12 @@ class LayerCase:
     capacity_factor: float
     pad: bool = True
     ffn_mult: int = 4
+    ffn_size: int | None = None
+    vanilla_dropless: bool = False
 
     @property
     def ffn(self) -> int:
-        return self.ffn_mult * self.hidden
+        return self.ffn_size or self.ffn_mult * self.hidden
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,9 @@ def router_sweep(preset: str, world: int | None = None) -> Sweep:
     if preset == "gpu":
         base = dataclasses.replace(base, tokens=65536, hidden=4096)
         return Sweep(base, _router_axes([1024, 2048, 4096, 8192]))
+    if preset == "h200":
+        base = RouterCase(tokens=16384, hidden=4096, experts=8, topk=2, capacity_factor=1.0)
+        return Sweep(base, {"tokens": [8192], "topk": [1], "capacity_factor": [0.5]})
     if preset == "full":
         base = dataclasses.replace(base, tokens=32768)
     return Sweep(base, _router_axes([256, 512, 1024, 2048, 4096]))
@@ -168,6 +180,20 @@ def layer_sweep(preset: str, world: int | None = None) -> Sweep:
             "ep": [1, 2, 4, 8],
         }
         return Sweep(with_world_ep(base, world), axes)
+    if preset == "h200":
+        # One H200: 8 experts of Mixtral-8x7B's width (GELU MLP, 2 GEMMs), 940 M parameters per
+        # layer, two layers + grads ~ 7.5 GiB; a base call is ~23 model TFLOP (ms at 400 TFLOP/s).
+        base = LayerCase(
+            ep=8, tokens=16384, hidden=4096, experts=8, topk=2, capacity_factor=1.0,
+            ffn_size=14336,
+        )  # fmt: skip
+        axes = {
+            "tokens": [8192],
+            "topk": [1],
+            "capacity_factor": [0.5],
+            "vanilla_dropless": [True],
+        }
+        return Sweep(with_world_ep(base, world), axes)
     tokens = 2048 if preset == "default" else 4096
     base = LayerCase(ep=2, tokens=tokens, hidden=256, experts=8, topk=1, capacity_factor=1.0)
     return Sweep(
@@ -194,6 +220,14 @@ def iteration_sweep(preset: str, world: int | None = None) -> Sweep:
         )  # fmt: skip
         axes = {"hidden": [512, 1024, 2048], "ep": [1, 8], "topk": [1, 2]}
         return Sweep(with_world_ep(base, world), axes)
+    if preset == "h200":
+        # The ~0.57 B-parameter model of gpu_check.sh's training step, in process and
+        # interleaved (not run by gpu_check.sh, whose minutes go to the real training runs).
+        base = IterationCase(
+            ep=8, layers=8, hidden=1024, experts=8, topk=1, capacity_factor=1.0,
+            seq_length=2048, micro_batch=4, heads=16,
+        )  # fmt: skip
+        return Sweep(with_world_ep(base, world), {})
     base = IterationCase(ep=2, layers=2, hidden=256, experts=8, topk=1, capacity_factor=1.0)
     axes: dict[str, list[Any]] = {"hidden": [128, 256, 512], "topk": [1, 2], "ep": [1, 2]}
     if preset == "full":
@@ -207,10 +241,10 @@ def bytes_sweep(preset: str, world: int | None = None) -> Sweep:
         base = LayerCase(ep=2, tokens=64, hidden=16, experts=4, topk=1, capacity_factor=1.0)
         return Sweep(base, {}, cases=[base, dataclasses.replace(base, pad=False)])
     base = LayerCase(ep=2, tokens=2048, hidden=256, experts=8, topk=1, capacity_factor=1.0)
-    if preset == "gpu":
+    if preset in ("gpu", "h200"):
         base = LayerCase(ep=8, tokens=16384, hidden=2048, experts=64, topk=2, capacity_factor=1.0)
         base = with_world_ep(base, world)
-    eps = [base.ep] if preset == "gpu" else [2, 4]
+    eps = [base.ep] if preset in ("gpu", "h200") else [2, 4]
     cases = [
         dataclasses.replace(base, ep=ep, topk=topk, capacity_factor=cf)
         for ep in eps
@@ -226,7 +260,7 @@ def syncs_sweep(preset: str, world: int | None = None) -> Sweep:
     small sizes say the same as big ones; the GPU preset uses the launch's GPUs for EP)."""
     layouts = [(1, 1), (1, 2), (2, 1)]
     base = SyncCase(tp=1, ep=1, pad=True)
-    if preset == "gpu":
+    if preset in ("gpu", "h200"):
         base = SyncCase(tp=1, ep=1, pad=True, tokens=4096, hidden=1024, experts=16)
         layouts = sorted({(1, 1), (1, with_world_ep(base, world).ep)})
     cases = [

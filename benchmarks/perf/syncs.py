@@ -3,8 +3,10 @@
 A host synchronisation is the CPU waiting for the GPU: the call blocks until queued kernels have
 run, so the launch queue drains and the next kernels start late. This part counts, per layer
 call, how many operations of each layer synchronise and WHERE (``file:function``, the innermost
-frame outside torch), for the routing modes ``none`` (megatron's), ``fr``, ``ir`` and ``ir+fr``,
-with and without padding to capacity, at TP 1 (EP 1 and 2) and at TP = expert-TP 2.
+frame outside torch), for the routing modes ``none`` (megatron's), ``fr``, ``ir`` and ``ir+fr``
+(dynamic IR), and ``ir static`` / ``ir+fr static`` (static IR, with
+``--moe-rectify-ir-capacity-factor``), with and without padding to capacity, at TP 1 (EP 1
+and 2) and at TP = expert-TP 2.
 
 GPU: ``torch.cuda.set_sync_debug_mode("warn")`` reports every synchronising CUDA call the
 caching allocator and the kernels know of (device-to-host copies, ``item``, ``nonzero``, ...);
@@ -76,8 +78,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks.perf.common import SEED, device, launched_by_torchrun, on_gpu, reseed
 from benchmarks.perf.sweeps import SyncCase
 
-#: Routing modes compared (``none`` is megatron's own layer).
-MODES = ("none", "fr", "ir", "ir+fr")
+#: Routing modes compared (``none`` is megatron's own layer); a mode ending in
+#: :data:`STATIC_SUFFIX` is that ``--moe-rectify`` mode with static IR.
+STATIC_SUFFIX = " static"
+MODES = ("none", "fr", "ir", "ir+fr", "ir static", "ir+fr static")
+#: ``--moe-rectify-ir-capacity-factor`` of the static modes (the count does not depend on it:
+#: the IR batch has ``ceil(T * k / E * F)`` rows per local expert whatever the value).
+STATIC_IR_CAPACITY_FACTOR = 0.25
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _THIS_FILE = os.path.abspath(__file__)
@@ -351,19 +358,25 @@ def _layer_case(case: SyncCase):
 
 
 def build(case: SyncCase, mode: str, state: dict[str, torch.Tensor] | None = None):
-    """The layer of :mod:`.layer` in ``mode``, with tensor = expert-tensor parallelism
-    ``case.tp`` (sequence parallel when > 1)."""
+    """The layer of :mod:`.layer` in ``mode`` (one of :data:`MODES`), with tensor =
+    expert-tensor parallelism ``case.tp`` (sequence parallel when > 1)."""
     from benchmarks.perf.layer import layer_config, layer_spec
 
-    config = layer_config(_layer_case(case), mode)
+    rectify_mode = mode.removesuffix(STATIC_SUFFIX)
+    config = layer_config(_layer_case(case), rectify_mode)
+    fields: dict[str, Any] = {}
+    if rectify_mode != mode:
+        fields["moe_rectify_ir_capacity_factor"] = STATIC_IR_CAPACITY_FACTOR
     if case.tp > 1:
-        config = dataclasses.replace(
-            config,
+        fields.update(
             tensor_model_parallel_size=case.tp,
             expert_tensor_parallel_size=case.tp,
             sequence_parallel=True,
         )
-    layer = layer_spec(mode, case.experts).submodules.mlp(config=config, layer_number=1)
+    if fields:
+        config = dataclasses.replace(config, **fields)
+    spec = layer_spec(rectify_mode, case.experts)
+    layer = spec.submodules.mlp(config=config, layer_number=1)
     layer = layer.to(device())
     if state is not None:
         layer.load_state_dict(state)

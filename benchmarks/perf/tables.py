@@ -143,13 +143,17 @@ def layer_table(result: dict[str, Any]) -> str:
         ("EP", _key("ep")),
         ("tokens/rank", _key("tokens")),
         ("hidden", _key("hidden")),
-        ("FFN", lambda r: r["ffn_mult"] * r["hidden"]),
+        ("FFN", lambda r: r.get("ffn_size") or r["ffn_mult"] * r["hidden"]),
         ("experts", _key("experts")),
         ("top-k", _key("topk")),
         ("capacity", _key("capacity_factor")),
         ("pad", _key("pad")),
-        *_timing_columns(result, "per rank"),
     ]
+    if any(r.get("vanilla_dropless") for r in result["rows"]):  # the vanilla's own routing
+        columns.append(
+            ("vanilla routing", lambda r: "dropless" if r.get("vanilla_dropless") else "same")
+        )
+    columns += _timing_columns(result, "per rank")
     return markdown_table(ordered_rows(result), columns)
 
 
@@ -218,11 +222,18 @@ def bytes_layer_table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(rows, columns)
 
 
-def _sync_sites(row: dict[str, Any]) -> str:
-    """Where the rectified modes' extra syncs come from (sites absent from megatron's)."""
+#: The dynamic and the static (``--moe-rectify-ir-capacity-factor``) modes of the syncs part.
+_DYNAMIC_SYNC_MODES = ("none", "fr", "ir", "ir+fr")
+_STATIC_SYNC_MODES = ("ir static", "ir+fr static")
+
+
+def _sync_sites(row: dict[str, Any], modes: tuple[str, ...] = ("fr", "ir", "ir+fr")) -> str:
+    """Where ``modes``' extra syncs come from (sites absent from megatron's)."""
     vanilla = {(s["phase"], s["site"], s["kind"]) for s in row["modes"]["none"]["sites"]}
     extra: dict[str, int] = {}
-    for mode in ("fr", "ir", "ir+fr"):
+    for mode in modes:
+        if mode not in row["modes"]:  # a result from before the static modes
+            return "—"
         for s in row["modes"][mode]["sites"]:
             if (s["phase"], s["site"], s["kind"]) not in vanilla:
                 key = f"{s['site'].rsplit('/', 1)[-1]} {s['kind']}"
@@ -235,7 +246,9 @@ def syncs_table(rows: list[dict[str, Any]]) -> str:
 
     def mode(name: str) -> Callable[[dict[str, Any]], Any]:
         def cell(row: dict[str, Any]) -> str:
-            m = row["modes"][name]
+            m = row["modes"].get(name)
+            if m is None:
+                return "—"
             return f"{m['forward']} / {m['backward']} (mc {m['megatron']}, ours {m['rectify']})"
 
         return cell
@@ -244,8 +257,9 @@ def syncs_table(rows: list[dict[str, Any]]) -> str:
         ("tp", _key("tp")),
         ("ep", _key("ep")),
         ("pad", lambda r: "yes" if r["pad"] else "no"),
-        *[(f"{name} fwd / bwd", mode(name)) for name in ("none", "fr", "ir", "ir+fr")],
+        *[(f"{name} fwd / bwd", mode(name)) for name in _DYNAMIC_SYNC_MODES + _STATIC_SYNC_MODES],
         ("extra vs none (site, kind, max count)", _sync_sites),
+        ("static IR: extra vs none", lambda r: _sync_sites(r, _STATIC_SYNC_MODES)),
     ]
     return markdown_table(rows, columns)
 

@@ -8,7 +8,8 @@ One source for each fact: :data:`CHOICES` (every choice-valued flag: its values,
 ``Literal`` types, for argparse and validation; kept in the light
 :mod:`megatron.rectify.choices` and re-exported here), :func:`rectify_options_from_config` (the
 only place options are built from settings), :func:`mode_rectifies` / :func:`rectifying_modes`
-("does this rectify?") and :func:`dispatcher_problem` (rectification runs on alltoall only).
+("does this rectify?") and :func:`dispatcher_problem` (rectification runs on alltoall and
+allgather, not on flex).
 
 Two objects live here:
 
@@ -22,6 +23,7 @@ Two objects live here:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import inf
 from typing import Any
 
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -45,8 +47,11 @@ from megatron.rectify.choices import (  # noqa: F401  (re-exported: the settings
 
 #: The flags that switch rectification on (training, evaluation passes), in that order.
 MODE_FLAGS = ("--moe-rectify", "--moe-rectify-eval")
-#: The one megatron token dispatcher rectified routing runs with (megatron selects it by name).
+#: megatron's token dispatchers (selected by name) that rectified routing runs with: alltoall
+#: (IR side batch off the all-to-all) and allgather (IR pairs in the gathered map).
 ALLTOALL = "alltoall"
+ALLGATHER = "allgather"
+RECTIFIED_DISPATCHERS = (ALLTOALL, ALLGATHER)
 
 
 class RectifyConfigError(ValueError):
@@ -70,6 +75,11 @@ class RectifyOptions:
         straight_through: detach the renormalisation denominator in the backward pass so the
             router keeps a gradient when a token has a single surviving choice.
         drop_policy: which top-k request wins a capacity slot (``probs`` or ``position``).
+        ir_capacity_factor: ``None`` (default): IR rescues every triggered token (dynamic IR,
+            a variable-sized side batch). A number ``F`` > 0: static IR, each local expert
+            gets exactly ``B = min(T, ceil(T * k / E * F))`` IR rows (``intra_gpu_capacity``),
+            so every shape is static (no host sync, CUDA-graph capturable); tokens beyond the
+            budget are not rescued and are counted (``ir_over_budget``, ``lost``).
     """
 
     intra_gpu: bool = False
@@ -78,11 +88,15 @@ class RectifyOptions:
     fill_in_candidates: FillInCandidates = "next"
     straight_through: bool = True
     drop_policy: DropPolicy = "probs"
+    ir_capacity_factor: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("--moe-rectify-ir-trigger", self.ir_trigger)
         check_choice("--moe-rectify-fill-in-candidates", self.fill_in_candidates)
         check_choice("--moe-token-drop-policy", self.drop_policy)
+        problem = ir_capacity_factor_value_problem(self.ir_capacity_factor)
+        if problem:
+            raise RectifyConfigError(problem)
         if self.intra_gpu and self.fill_in and self.ir_trigger == "any":
             raise RectifyConfigError(
                 "--moe-rectify-ir-trigger any with fill-in rectification would send almost "
@@ -101,6 +115,44 @@ class RectifyOptions:
         check_choice("--moe-rectify", mode)
         parts = mode_parts(mode)
         return cls(intra_gpu="ir" in parts, fill_in="fr" in parts, **kwargs)
+
+
+#: The static-IR flag (``RectifyOptions.ir_capacity_factor``).
+IR_CAPACITY_FLAG = "--moe-rectify-ir-capacity-factor"
+
+
+def ir_capacity_factor_value_problem(factor: object) -> str | None:
+    """The message when an IR capacity factor is set but not a positive finite number."""
+    if factor is None:
+        return None
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 < factor < inf:
+        return (
+            f"{IR_CAPACITY_FLAG} must be a positive number (got {factor!r}): it sizes the static "
+            f"IR batch, ceil(tokens * top-k / experts * F) rows per local expert. Use e.g. "
+            f"{IR_CAPACITY_FLAG} 0.25, or leave it unset for dynamic IR."
+        )
+    return None
+
+
+def ir_capacity_factor_problem(config: Any) -> str | None:
+    """The message when ``config`` (parsed args: both mode flags are visible) sets
+    ``--moe-rectify-ir-capacity-factor`` wrongly: not a positive number, or with no mode that
+    runs IR (``ir`` / ``ir+fr`` in ``--moe-rectify`` or ``--moe-rectify-eval``). A capacity is
+    required by every rectifying mode already (``validate_rectify_settings``)."""
+    factor = getattr(config, "moe_rectify_ir_capacity_factor", None)
+    if factor is None:
+        return None
+    problem = ir_capacity_factor_value_problem(factor)
+    if problem:
+        return problem
+    if not any("ir" in mode_parts(mode) for mode in rectifying_modes(config).values()):
+        return (
+            f"{IR_CAPACITY_FLAG} {factor:g} sizes the intra-GPU rectification batch, but "
+            f"--moe-rectify {getattr(config, 'moe_rectify', 'none')} runs no IR: use "
+            f"--moe-rectify ir or ir+fr (or --moe-rectify-eval ir / ir+fr), or drop "
+            f"{IR_CAPACITY_FLAG}."
+        )
+    return None
 
 
 def check_choice(flag: str, value: object) -> None:
@@ -122,22 +174,35 @@ def rectifying_modes(config: Any) -> dict[str, str]:
 
 
 def uses_alltoall_dispatcher(config: Any) -> bool:
-    """Whether ``config`` selects megatron's alltoall dispatcher: the only one that rectified
-    routing runs with, and the one ``RectifyMoELayer`` replaces by the rectified dispatcher."""
+    """Whether ``config`` selects megatron's alltoall dispatcher, whose padded path needs a
+    buffer of exactly ``C`` tokens per expert (the router checks ``C`` against the tokens)."""
     return getattr(config, "moe_token_dispatcher_type", None) == ALLTOALL
 
 
 def dispatcher_problem(config: Any) -> str | None:
     """The message when ``config`` rectifies (in training or, for parsed args, evaluation) with
-    a token dispatcher other than alltoall, else None."""
+    a token dispatcher other than alltoall or allgather, i.e. flex, else None.
+
+    Why flex is refused rather than supported: megatron's flex dispatcher does not send the
+    router's map. DeepEP keeps each token's top-k weights (top-k * TP) and reads weight 0 as
+    "dropped", so a token's fill-in pair beyond its k choices, its IR pair and every
+    zero-weight padding pair vanish (megatron itself refuses DeepEP with padding); HybridEP
+    with padding sizes each expert's buffer as exactly C per rank, which IR pairs exceed. Both
+    are GPU-only kernels that cannot run here, so a rectified flex path could not be tested.
+    """
     modes = rectifying_modes(config)
-    if not modes or uses_alltoall_dispatcher(config):
+    dispatcher = getattr(config, "moe_token_dispatcher_type", None)
+    if not modes or dispatcher in RECTIFIED_DISPATCHERS:
         return None
     flag, mode = next(iter(modes.items()))
     return (
-        f"{flag} {mode} needs --moe-token-dispatcher-type {ALLTOALL} (got "
-        f"{getattr(config, 'moe_token_dispatcher_type', None)!r}): only the rectified alltoall "
-        "dispatcher keeps intra-GPU-rectified tokens off the all-to-all."
+        f"{flag} {mode} needs --moe-token-dispatcher-type {ALLTOALL} or {ALLGATHER} (got "
+        f"{dispatcher!r}): megatron's flex dispatcher rebuilds each token's experts in GPU-only "
+        "kernels (DeepEP keeps the top-k gate weights per token and drops weight-0 pairs, so "
+        "fill-in pairs beyond k choices, intra-GPU pairs and padding pairs are lost; HybridEP "
+        "with padding expects exactly C tokens per expert, which intra-GPU pairs exceed), and a "
+        "rectified flex path could not be tested without them. Use "
+        f"{ALLTOALL} (the same EP all-to-all, IR tokens kept off it) or {ALLGATHER}."
     )
 
 
@@ -234,6 +299,7 @@ def rectify_options_from_config(config: Any, mode: str | None = None) -> Rectify
         fill_in_candidates=getattr(config, "moe_rectify_fill_in_candidates", "next"),
         straight_through=getattr(config, "moe_rectify_straight_through", True),
         drop_policy=getattr(config, "moe_token_drop_policy", "probs"),
+        ir_capacity_factor=getattr(config, "moe_rectify_ir_capacity_factor", None),
     )
 
 
@@ -255,6 +321,9 @@ class RectifyTransformerConfig(TransformerConfig):
 
     moe_rectify_straight_through: bool = True
     """Detach the gate-weight denominator in backward (keeps router gradients alive)."""
+
+    moe_rectify_ir_capacity_factor: float | None = None
+    """Static IR: B = min(T, ceil(T * k / E * F)) IR rows per local expert (None: dynamic)."""
 
     def __post_init__(self) -> None:
         validate_rectify_settings(self)  # first: ours name the rectify flag and the fix

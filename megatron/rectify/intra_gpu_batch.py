@@ -20,12 +20,23 @@ Shapes: ``T`` tokens of this rank, ``H`` hidden size, ``L`` local experts, ``n``
 ``N`` IR tokens of this rank, ``N_g`` IR tokens of the whole expert-TP group.
 Must not touch: routing decisions (it receives ``ir_expert`` / ``ir_probs``), the EP
 all-to-all, the experts. IR tokens add zero inter-rank bytes on the EP all-to-all.
-NOTE: the IR batch is variable-sized, so its per-expert counts reach the host: measured with
-``python -m benchmarks.perf --parts syncs``, IR adds 4 host syncs per layer call (``split``:
-nonzero, bincount, tolist; ``interleave``: tolist), 6 with expert-TP (the counts' all-gather).
-FR alone builds no IR batch and adds none. It is therefore not part of
-megatron's ``cudagraph_attrs``: capturing the MoE preprocess in a CUDA graph is only valid with
-IR off.
+Two layouts:
+
+* dynamic IR (default): the batch holds exactly the rescued tokens, so it is variable-sized and
+  its per-expert counts reach the host: measured with ``python -m benchmarks.perf --parts
+  syncs``, it adds 4 host syncs per layer call (``split``: nonzero, bincount, tolist;
+  ``interleave``: tolist), 6 with expert-TP (the counts' all-gather).
+* static IR (``--moe-rectify-ir-capacity-factor``): the router already gave every rescued token
+  a row ``ir_slot`` among its expert's ``B`` rows (``routing.intra_gpu_budget``), so the batch
+  is ``[L * B]`` rows whatever the routing: unused rows hold token 0 with weight exactly 0 and
+  their expert output is masked to 0 before it is added home, so they carry no weight and no
+  gradient. Every step is then a scatter / gather with host-known sizes: 0 host syncs (the
+  received tokens' per-expert counts are only combined on the device with ``B``), and every
+  shape is fixed, which is what capturing the layer in a CUDA graph needs.
+
+FR alone builds no IR batch and adds none. The side batch's per-call state (set in ``split``,
+read up to ``add_home``) is not part of megatron's ``cudagraph_attrs``, so a CUDA graph of
+megatron's ``moe_preprocess`` scope alone, replayed without ``split`` running, cannot carry it.
 """
 
 from __future__ import annotations
@@ -46,11 +57,14 @@ class IntraGpuBatch:
         token_indices: [N] rows of the flattened layer input, grouped by local expert.
         counts: [L] tokens per local expert on this rank (host list).
         probs: [N] IR gate weights of those rows.
+        valid: static IR only: [N = L * B] bool, False on the unused (zero-weight) rows;
+            ``None`` for dynamic IR, whose rows are all rescued tokens.
     """
 
     token_indices: torch.Tensor
     counts: list[int]
     probs: torch.Tensor
+    valid: torch.Tensor | None = None
 
 
 def intra_gpu_batch(
@@ -64,6 +78,34 @@ def intra_gpu_batch(
     # host syncs on CUDA: nonzero above, bincount and tolist here (see `--parts syncs`)
     counts = torch.bincount(local, minlength=num_local).tolist()
     return IntraGpuBatch(token_indices, counts, ir_probs[token_indices])
+
+
+def static_intra_gpu_batch(
+    ir_expert: torch.Tensor,
+    ir_probs: torch.Tensor,
+    ir_slot: torch.Tensor,
+    capacity: int,
+    local_expert_start: int,
+    num_local: int,
+) -> IntraGpuBatch:
+    """Static IR: exactly ``capacity`` (``B``) rows per local expert, ``L * B`` in all.
+
+    The rescued token with ``ir_slot`` ``j`` for local expert ``l`` lands in row ``l * B + j``
+    (the router's ``intra_gpu_budget`` made the slots unique per expert). Every other row
+    holds token 0 with weight exactly 0 (``valid`` False). Scatters with host-known sizes
+    only: no host sync. Tokens with no slot are scattered into one extra row that is cut off.
+    """
+    rows = num_local * capacity
+    device = ir_expert.device
+    rescued = ir_slot >= 0
+    row = torch.where(rescued, (ir_expert - local_expert_start) * capacity + ir_slot, rows)
+    tokens = torch.arange(ir_expert.numel(), device=device)
+    token_indices = torch.zeros(rows + 1, dtype=torch.long, device=device)
+    token_indices = token_indices.scatter(0, row, tokens)[:rows]
+    valid = torch.zeros(rows + 1, dtype=torch.bool, device=device)
+    valid = valid.scatter(0, row, rescued)[:rows]
+    probs = torch.where(valid, ir_probs.index_select(0, token_indices), 0.0)
+    return IntraGpuBatch(token_indices, [capacity] * num_local, probs, valid)
 
 
 def _concat(chunks: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -101,27 +143,45 @@ class IntraGpuSideBatch:
 
     # ---- (1) ------------------------------------------------------------------------------
 
+    @property
+    def static(self) -> bool:
+        """Whether the current call's batch is static IR's fixed ``L * B`` rows."""
+        return self._batch is not None and self._batch.valid is not None
+
     def split(
         self,
         hidden_states: torch.Tensor,
         ir_expert: torch.Tensor | None,
         ir_probs: torch.Tensor | None,
+        ir_slot: torch.Tensor | None = None,
+        ir_capacity: int | None = None,
     ) -> None:
         """Start a call: take this rank's IR rows of ``hidden_states`` [..., H].
 
         ``ir_expert`` [T] (global expert index or -1) and ``ir_probs`` [T] come from the
         router's decision; ``None`` means the call was not rectified. With expert-TP > 1 the
         batch is active even when this rank has no IR token: the group's collectives need
-        every rank.
+        every rank. ``ir_capacity`` (``B``) and ``ir_slot`` [T] select static IR: the batch is
+        then always active, ``L * B`` rows.
         """
         self._end_call()
         if ir_expert is None:
             return
-        batch = intra_gpu_batch(
-            ir_expert, ir_probs, self.local_expert_start, self.num_local_experts
-        )
-        if self.tp_size == 1 and sum(batch.counts) == 0:
-            return
+        if ir_capacity is not None:
+            batch = static_intra_gpu_batch(
+                ir_expert,
+                ir_probs,
+                ir_slot,
+                ir_capacity,
+                self.local_expert_start,
+                self.num_local_experts,
+            )
+        else:
+            batch = intra_gpu_batch(
+                ir_expert, ir_probs, self.local_expert_start, self.num_local_experts
+            )
+            if self.tp_size == 1 and sum(batch.counts) == 0:
+                return
         self._batch = batch
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         self._input = flat.index_select(0, batch.token_indices)  # [N, H]
@@ -136,10 +196,13 @@ class IntraGpuSideBatch:
             self._counts_per_tp_rank = [batch.counts]
             return self._input, batch.probs
         group = self.expert_tp_group
-        counts = torch.tensor(batch.counts, dtype=torch.int64, device=self._input.device)
-        gathered_counts = [torch.zeros_like(counts) for _ in range(self.tp_size)]
-        dist.all_gather(gathered_counts, counts, group=group)
-        self._counts_per_tp_rank = [c.tolist() for c in gathered_counts]
+        if self.static:  # every TP rank has B rows per local expert: nothing to exchange
+            self._counts_per_tp_rank = [batch.counts] * self.tp_size
+        else:
+            counts = torch.tensor(batch.counts, dtype=torch.int64, device=self._input.device)
+            gathered_counts = [torch.zeros_like(counts) for _ in range(self.tp_size)]
+            dist.all_gather(gathered_counts, counts, group=group)
+            self._counts_per_tp_rank = [c.tolist() for c in gathered_counts]
         totals = [sum(c) for c in self._counts_per_tp_rank]
         tokens = gather_rows(self._input, totals, group)
         probs = gather_rows(batch.probs.unsqueeze(1), totals, group).squeeze(1)
@@ -159,6 +222,10 @@ class IntraGpuSideBatch:
         the gathered IR batch: ``(tokens [R + N_g, H], tokens_per_expert [L], probs [R + N_g])``
         for ONE expert pass, per local expert the received rows first, then the IR rows of
         TP rank 0, 1, ..."""
+        if self.static:
+            return self._interleave_static(
+                received_tokens, received_probs, tokens_per_expert, ir_tokens, ir_probs
+            )
         received = [int(n) for n in tokens_per_expert.tolist()]
         self._received_per_expert = received
         ir_chunks = self._by_rank_and_expert(ir_tokens)
@@ -188,6 +255,12 @@ class IntraGpuSideBatch:
         """Split ``expert_output`` [R + N_g, H] (the ``interleave`` layout) and return the
         received part [R, H]; the IR part is reduce-scattered over expert-TP and kept, [N, H],
         for ``add_home``."""
+        if self.static:
+            received_part = expert_output.index_select(0, self._received_positions)
+            ir_part = expert_output.index_select(0, self._ir_positions)
+            per_rank_totals = [sum(c) for c in self._counts_per_tp_rank]
+            self._output = reduce_scatter_rows(ir_part, per_rank_totals, self.expert_tp_group)
+            return received_part
         counts = self._counts_per_tp_rank
         sizes = []
         for expert, received in enumerate(self._received_per_expert):
@@ -216,7 +289,10 @@ class IntraGpuSideBatch:
         if not self.active:
             return output
         flat = output.reshape(-1, output.shape[-1])
-        flat = flat.index_add(0, self._batch.token_indices, self._output.to(flat.dtype))
+        ir_output = self._output
+        if self._batch.valid is not None:  # static IR: unused rows add exactly nothing
+            ir_output = torch.where(self._batch.valid.unsqueeze(1), ir_output, 0.0)
+        flat = flat.index_add(0, self._batch.token_indices, ir_output.to(flat.dtype))
         self._end_call()
         return flat.view(output.shape)
 
@@ -227,7 +303,51 @@ class IntraGpuSideBatch:
         self._input: torch.Tensor | None = None
         self._counts_per_tp_rank: list[list[int]] | None = None  # [TP rank][local expert]
         self._received_per_expert: list[int] | None = None
+        self._received_positions: torch.Tensor | None = None  # static: rows in the merged batch
+        self._ir_positions: torch.Tensor | None = None  # static: [TP rank][expert][slot] rows
         self._output: torch.Tensor | None = None
+
+    def _interleave_static(
+        self,
+        received_tokens: torch.Tensor,
+        received_probs: torch.Tensor,
+        tokens_per_expert: torch.Tensor,
+        ir_tokens: torch.Tensor,
+        ir_probs: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``interleave`` for static IR, without reading any count on the host.
+
+        Each local expert's block is [its received rows | B IR rows of TP rank 0 | ...], so
+        with ``S = n * B`` IR rows per expert, received row ``i`` (of expert ``e``) moves to
+        ``i + e * S`` and IR row ``j`` of (TP rank ``r``, expert ``e``) to
+        ``end_e + e * S + r * B + j``, ``end_e`` being the received rows up to and including
+        ``e``. ``tokens_per_expert`` (megatron's, on the host on a GPU run) is only combined
+        on the device; the merged counts are ``tokens_per_expert + S``, the same kind of tensor
+        megatron's experts get.
+        """
+        device = received_tokens.device
+        capacity = self._batch.counts[0] if self.num_local_experts else 0
+        per_expert = capacity * self.tp_size  # S
+        counts = tokens_per_expert
+        if counts.device != device:
+            counts = counts.to(device, non_blocking=True)
+        ends = counts.to(torch.long).cumsum(0)  # [L]
+        received_rows = torch.arange(received_tokens.shape[0], device=device)
+        expert_of_row = torch.searchsorted(ends, received_rows, right=True)
+        received_positions = received_rows + expert_of_row * per_expert
+        ir_rows = torch.arange(ir_tokens.shape[0], device=device)
+        rows_per_rank = max(1, self.num_local_experts * capacity)
+        tp_rank, within = ir_rows // rows_per_rank, ir_rows % rows_per_rank
+        expert, slot = within // max(1, capacity), within % max(1, capacity)
+        ir_positions = ends[expert] + expert * per_expert + tp_rank * capacity + slot
+        positions = torch.cat([received_positions, ir_positions])
+        source_row = torch.empty_like(positions).scatter_(
+            0, positions, torch.arange(positions.numel(), device=device)
+        )
+        self._received_positions, self._ir_positions = received_positions, ir_positions
+        tokens = torch.cat([received_tokens, ir_tokens]).index_select(0, source_row)
+        probs = torch.cat([received_probs, ir_probs.to(received_probs.dtype)])
+        return tokens, tokens_per_expert + per_expert, probs.index_select(0, source_row)
 
     def _by_rank_and_expert(self, rows: torch.Tensor) -> list[list[torch.Tensor]]:
         """Gathered IR rows ([TP rank][local expert] layout) -> nested list of chunks."""

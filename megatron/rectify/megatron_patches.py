@@ -36,6 +36,9 @@ WRITTEN_FOR = "0.19.2"
 #: patch -> {"module:qualname" of a megatron function it depends on -> the sha256 (first 16 hex
 #: digits) of that function's source in megatron-core 0.19.2}.
 PATCHED_FUNCTIONS: dict[str, dict[str, str]] = {
+    "mirrored_argument_sequence": {
+        "megatron.training.arguments:parse_and_validate_args": "8fc63dea4813642c",
+    },
     "escape_unformattable_help": {
         "megatron.training.arguments:add_megatron_arguments": "61c518361be376bf",
     },
@@ -57,6 +60,12 @@ PATCHED_FUNCTIONS: dict[str, dict[str, str]] = {
     },
     "recording_save_dir": {
         "megatron.training.checkpointing:generate_state_dict": "6b8e7b30febb0ad6",
+    },
+    "fix_distributed_optimizer_loading": {
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer."
+        "load_state_dict": "5c2af1e56e0b8eec",
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer."
+        "_set_main_param_and_optimizer_states": "abb463384d3f18b5",
     },
     "fix_upcycling_load_keyword": {
         "megatron.core.transformer.moe.upcycling_utils:load_and_upcycle_model": "86f2e6fc8482389c",
@@ -149,6 +158,16 @@ def check(patch: str) -> None:
 
 
 # ---- command line -------------------------------------------------------------------------------
+
+
+def mirrored_argument_sequence() -> None:
+    """Not a patch but a copy of megatron's order, registered here for the same reason:
+    ``megatron.rectify.training.args.parse_and_validate_args`` runs the steps of megatron-core
+    0.19.2's ``parse_and_validate_args`` (``parse_args`` with our ``extra_args_provider``;
+    ``--use-checkpoint-args`` from ``--pretrained-checkpoint``, then ``--load``;
+    ``validate_args``; ``set_global_variables``) with our checks between them, for which
+    megatron's function has no hook. A megatron whose sequence changed must be reviewed."""
+    check("mirrored_argument_sequence")
 
 
 def escape_unformattable_help(parser: argparse.ArgumentParser) -> None:
@@ -271,6 +290,58 @@ def fix_upcycling_load_keyword() -> None:
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
+
+
+def fix_distributed_optimizer_loading() -> None:
+    """Three bugs of megatron-core 0.19.2's ``DistributedOptimizer`` when a run resumes
+    without Transformer Engine or Apex (torch's own Adam, fp32), fixed here idempotently (a
+    fourth, ``torch_dist`` checkpoints, is refused instead: ``checkpoint_args.
+    distributed_optimizer_resume_problem``):
+
+    * ``load_state_dict`` gives every parameter's torch-Adam state one and the same ``step``
+      tensor, which torch's Adam then increments in place once per parameter: after one step
+      the bias correction counts the parameters, not the steps, and the resumed run diverges
+      from the uninterrupted one. Each parameter gets its own copy.
+    * ``_set_main_param_and_optimizer_states`` (called by the loader of a ``--ckpt-format
+      torch`` checkpoint's optimizer shards, ``distrib_optim.pt``) copies into the main
+      parameters with ``copy_`` outside ``torch.no_grad()``; in fp32 a main parameter is a view
+      of the model parameter, a leaf that requires grad: "a view of a leaf Variable that
+      requires grad is being used in an in-place operation". It runs under ``torch.no_grad()``
+      here.
+    * it also looks up every tensor of a parameter's optimizer state in the loaded shards, which
+      hold ``exp_avg`` / ``exp_avg_sq`` only, not torch Adam's ``step`` tensor: KeyError
+      'step'. A state the shards do not hold is skipped (``load_state_dict`` restores ``step``
+      from the param groups).
+    """
+    check("fix_distributed_optimizer_loading")
+    import collections
+
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    load_state_dict = DistributedOptimizer.load_state_dict
+    if getattr(load_state_dict, "rectify_fixed", False):
+        return
+    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    @functools.wraps(load_state_dict)
+    def load_state_dict_with_own_steps(self: Any, state_dict: Any) -> Any:
+        result = load_state_dict(self, state_dict)
+        for state in getattr(self.optimizer, "state", {}).values():
+            step = state.get("step") if isinstance(state, dict) else None
+            if isinstance(step, torch.Tensor):
+                state["step"] = step.clone()
+        return result
+
+    @functools.wraps(set_states)
+    def _set_main_param_and_optimizer_states(self: Any, model_param: Any, tensors: dict) -> None:
+        # megatron skips an entry that is not a tensor: a state missing from the file is None
+        with torch.no_grad():
+            set_states(self, model_param, collections.defaultdict(lambda: None, tensors))
+
+    load_state_dict_with_own_steps.rectify_fixed = True  # type: ignore[attr-defined]
+    DistributedOptimizer.load_state_dict = load_state_dict_with_own_steps
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
 
 
 @contextlib.contextmanager

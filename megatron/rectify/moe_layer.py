@@ -1,20 +1,22 @@
 """``RectifyMoELayer``: megatron's ``MoELayer`` with the rectified router and dispatcher.
 
 Owns: wiring. It stays an ``MoELayer`` (transformer layers check ``isinstance``), builds a
-``RectifyRouter`` (the spec may also name it), swaps megatron's alltoall dispatcher for
-``MoERectifyAlltoAllTokenDispatcher`` after construction (megatron picks dispatchers by a
-hard-coded string), hands each call's decision from the router to the dispatcher, and records
-the per-layer routing statistics in megatron's MoE metrics tracker, next to the load-balancing
-loss, so they reach the training log and TensorBoard, and hands every call's statistics to the
-registered routing observers (``add_routing_observer``: benchmarks, evaluation summaries).
+``RectifyRouter`` (the spec may also name it), swaps megatron's alltoall / allgather dispatcher
+for ``MoERectifyAlltoAllTokenDispatcher`` / ``MoERectifyAllGatherTokenDispatcher`` after
+construction (megatron picks dispatchers by a hard-coded string), hands each call's decision
+from the router to the dispatcher, and records the per-layer routing statistics in megatron's
+MoE metrics tracker, next to the load-balancing loss, so they reach the training log and
+TensorBoard, and hands every call's statistics to the registered routing observers
+(``add_routing_observer``: benchmarks, evaluation summaries).
 Must not touch: routing math (``routing.py``), collectives (``token_dispatcher.py``,
-``intra_gpu_batch.py``).
+``intra_gpu_batch.py``, ``allgather_dispatcher.py``).
 
 One call, top-down (megatron's ``MoELayer.forward`` drives it; ours marked *):
     route*       ``self.router(x, with_decision=True)`` -> ``RouterOutput`` (probs, routing_map,
                  decision); statistics recorded from it; the decision is handed to preprocess.
     preprocess*  ``token_dispatcher.dispatch_preprocess(x, routing_map, probs, decision=...)``:
-                 megatron's permute plus the IR split.
+                 megatron's permute plus the IR split (alltoall), or the IR pairs added
+                 to the map every rank gathers anyway (allgather).
     dispatch / routed_experts_compute / combine / postprocess: megatron's, through the
                  dispatcher's hooks (see ``token_dispatcher.py``).
 
@@ -42,10 +44,12 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron.rectify.allgather_dispatcher import MoERectifyAllGatherTokenDispatcher
 from megatron.rectify.config import (
+    ALLGATHER,
+    ALLTOALL,
     RectifyConfigError,
     dispatcher_problem,
-    uses_alltoall_dispatcher,
 )
 from megatron.rectify.router import RectifyRouter
 from megatron.rectify.routing import RectifiedRouting
@@ -71,6 +75,13 @@ STATISTIC_NAMES = (
     "rectify_max_over_mean_load",
 )
 
+
+#: megatron's dispatcher name -> the rectified dispatcher ``RectifyMoELayer`` builds instead
+#: (always, so that ``--moe-rectify none`` and runtime switches use the same object).
+RECTIFIED_DISPATCHERS = {
+    ALLTOALL: MoERectifyAlltoAllTokenDispatcher,
+    ALLGATHER: MoERectifyAllGatherTokenDispatcher,
+}
 
 #: ``observer(layer, stats, training)``; see ``add_routing_observer``.
 RoutingObserver = Callable[["RectifyMoELayer", RoutingStatistics | None, bool], None]
@@ -138,8 +149,9 @@ class RectifyMoELayer(MoELayer):
         super().__init__(config, submodules, layer_number, pg_collection, is_mtp_layer, name)
         if not isinstance(self.router, RectifyRouter):
             raise TypeError(f"RectifyMoELayer needs a RectifyRouter, got {type(self.router)}")
-        if uses_alltoall_dispatcher(config):
-            self.token_dispatcher = MoERectifyAlltoAllTokenDispatcher(
+        dispatcher_class = RECTIFIED_DISPATCHERS.get(config.moe_token_dispatcher_type)
+        if dispatcher_class is not None:
+            self.token_dispatcher = dispatcher_class(
                 self.num_local_experts,
                 self.local_expert_indices,
                 config=self.config,
@@ -180,14 +192,14 @@ class RectifyMoELayer(MoELayer):
         """
         decision = self._take_decision(routing_map)
         if decision is None or not isinstance(
-            self.token_dispatcher, MoERectifyAlltoAllTokenDispatcher
+            self.token_dispatcher, tuple(RECTIFIED_DISPATCHERS.values())
         ):
             return _megatron_preprocess(self, hidden_states, probs, routing_map)
         if self.config.moe_latent_size:
             if self.shared_expert_overlap:  # megatron refuses this outside NVLS inference
                 raise AssertionError(
                     "Shared expert overlap with MoE latent projections is not supported with "
-                    "the rectified alltoall dispatcher. Disable moe_shared_expert_overlap."
+                    "a rectified dispatcher. Disable moe_shared_expert_overlap."
                 )
             hidden_states, _ = self.fc1_latent_proj(hidden_states)
         return self.token_dispatcher.dispatch_preprocess(
@@ -231,10 +243,14 @@ class RectifyMoELayer(MoELayer):
                 self.cumulative_statistics[name] += value
             else:
                 self.cumulative_statistics[name] = value.clone()
-        for name in _TOTALS:
-            self.cumulative_statistics[name] = self.cumulative_statistics.get(name, 0) + getattr(
-                stats, name
-            )
+        for name in _TOTALS:  # device tensors added in place, like the counts: a CUDA-graph
+            total = getattr(stats, name)  # replay re-runs the captured add, never this Python
+            if name in self.cumulative_statistics:
+                self.cumulative_statistics[name] += total
+            else:
+                self.cumulative_statistics[name] = torch.full(
+                    (), total, dtype=torch.float64, device=stats.dropped.device
+                )
         if self.layer_number is None:
             return
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)

@@ -50,9 +50,19 @@ def use_sequence_parallel_torch_norm(spec: object) -> object:
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     submodules = getattr(spec, "submodules", spec)
-    for name in ("input_layernorm", "pre_cross_attn_layernorm", "pre_mlp_layernorm", "layer_norm"):
+    for name in (
+        "input_layernorm",
+        "pre_cross_attn_layernorm",
+        "pre_mlp_layernorm",
+        "layer_norm",
+        "enorm",  # a multi-token-prediction layer's norms
+        "hnorm",
+    ):
         if getattr(submodules, name, None) is WrappedTorchNorm:
             setattr(submodules, name, SequenceParallelTorchNorm)
     for layer_spec in getattr(submodules, "layer_specs", []) or []:
         use_sequence_parallel_torch_norm(layer_spec)
+    inner_layer = getattr(submodules, "mtp_model_layer", None)  # an MTP layer's transformer layer
+    if inner_layer is not None:
+        use_sequence_parallel_torch_norm(inner_layer)
     return spec

@@ -12,7 +12,7 @@ import math
 import torch
 
 from megatron.rectify.config import RectifyOptions, check_choice
-from megatron.rectify.routing import RectifiedRouting
+from megatron.rectify.routing import RectifiedRouting, intra_gpu_capacity
 
 
 def _f32(value: torch.Tensor) -> float:
@@ -94,6 +94,25 @@ def reference_rectified_routing(
                 ir_expert[t] = best
                 multiplicity[t] = lost
 
+    # (3b) static IR: each expert keeps B of its IR tokens, most lost choices first, then the
+    # higher probability for the expert, then the lower token index; the others are not rescued.
+    ir_capacity = ir_slot = over_budget = None
+    if options.intra_gpu and options.ir_capacity_factor is not None:
+        ir_capacity = intra_gpu_capacity(num_tokens, topk, num_experts, options.ir_capacity_factor)
+        ir_slot = [-1] * num_tokens
+        over_budget = [False] * num_tokens
+        for expert in local_experts:
+            queue = [t for t in range(num_tokens) if ir_expert[t] == expert]
+            queue.sort(key=lambda t: (-multiplicity[t], _best_first(probs[t, expert]), t))
+            for row, t in enumerate(queue):
+                if row < ir_capacity:
+                    ir_slot[t] = row
+                else:
+                    over_budget[t] = True
+        for t in range(num_tokens):
+            if over_budget[t]:
+                ir_expert[t], multiplicity[t] = -1, 0
+
     # (4) gate weights, token by token.
     weights = torch.zeros_like(probs)
     ir_probs = torch.zeros(num_tokens, dtype=probs.dtype, device=probs.device)
@@ -155,4 +174,7 @@ def reference_rectified_routing(
         padding_map=to_map(padding),
         capacity=capacity,
         intra_gpu=options.intra_gpu,
+        ir_capacity=ir_capacity,
+        ir_slot=None if ir_slot is None else torch.tensor(ir_slot, dtype=torch.int64),
+        ir_over_budget=None if over_budget is None else torch.tensor(over_budget),
     )

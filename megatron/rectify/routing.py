@@ -17,6 +17,10 @@ The steps, in the order a token travels (``rectified_routing`` runs them all):
     the expert, among this rank's local experts, with the highest *global* probability.
 (3) ``rectified_gate_weights``: ``w_j = p_j / sg(S)`` over the token's surviving choices (fill-in
     included) plus ``m * p_h`` for its IR expert, ``S`` being the sum of those terms.
+(2b) ``intra_gpu_budget`` (static IR only, ``--moe-rectify-ir-capacity-factor``): each local
+    expert rescues at most ``B = intra_gpu_capacity(...)`` of the tokens IR sent it, the rest
+    stay unrescued (counted as ``ir_over_budget``); the winners get their row in the expert's
+    fixed-size IR batch (``ir_slot``).
 (4) ``capacity_padding`` (only with ``--moe-pad-expert-input-to-capacity``): zero-weight padding
     pairs so that every expert column of the dispatched map holds exactly ``capacity`` tokens,
     the contract megatron's padded alltoall dispatcher relies on.
@@ -36,6 +40,7 @@ Naming (megatron's words, plus ours):
     dropped_map   top-k requests that lost (capacity full).
     ir_expert     IR destination per token (global expert index) or -1, [num_tokens].
     ir_multiplicity  ``m``: the number of top-k choices the token lost, [num_tokens].
+    ir_slot       static IR: the token's row among its IR expert's ``B`` rows, or -1, [num_tokens].
 """
 
 from __future__ import annotations
@@ -83,6 +88,14 @@ class RectifiedRouting:
         capacity: slots per expert for this rank's tokens (``C``).
         intra_gpu: whether IR ran for this call. When it did not, the dispatcher skips the IR
             side batch altogether (building an empty one would still cost host syncs).
+        ir_capacity: static IR (``--moe-rectify-ir-capacity-factor``): ``B``, the fixed number
+            of IR rows per local expert; ``None`` for dynamic IR (a variable-sized batch).
+        ir_slot: static IR: each rescued token's row among its expert's ``B`` rows (unique per
+            expert, in ``intra_gpu_budget``'s order), -1 elsewhere, [T] long; ``None`` otherwise.
+        ir_over_budget: static IR: tokens IR would have rescued but that got no row (their
+            expert's ``B`` rows went to better candidates), [T] bool; ``None`` otherwise. They
+            are not rescued (``ir_expert`` -1, no IR weight): their dropped requests stay in
+            ``dropped_map`` and a token left with no routed pair counts as lost.
     """
 
     probs: torch.Tensor
@@ -95,6 +108,9 @@ class RectifiedRouting:
     padding_map: torch.Tensor
     capacity: int
     intra_gpu: bool = False
+    ir_capacity: int | None = None
+    ir_slot: torch.Tensor | None = None
+    ir_over_budget: torch.Tensor | None = None
 
     @property
     def routed_map(self) -> torch.Tensor:
@@ -288,6 +304,70 @@ def intra_gpu_rectification(
     return ir_expert, ir_multiplicity
 
 
+def intra_gpu_capacity(num_tokens: int, topk: int, num_experts: int, factor: float) -> int:
+    """``B``: IR rows per local expert in static IR, ``min(T, ceil(T * k / E * F))``.
+
+    megatron's ``get_capacity`` formula (the same float arithmetic, ``ceil((T * k / E) * F)``)
+    with the IR capacity factor ``F`` in place of ``--moe-expert-capacity-factor``: ``B`` is
+    to the IR batch what ``C`` is to an expert's all-to-all buffer, a fixed size known on the
+    host before any routing. Capped at ``T`` (an expert cannot rescue more distinct tokens than
+    the rank has), so a large ``F`` never builds rows that can only be padding.
+    """
+    if num_tokens == 0:
+        return 0
+    return min(num_tokens, math.ceil((num_tokens * topk / num_experts) * factor))
+
+
+def intra_gpu_budget(
+    probs: torch.Tensor,
+    ir_expert: torch.Tensor,
+    ir_multiplicity: torch.Tensor,
+    capacity: int,
+    topk: int,
+) -> torch.Tensor:
+    """Static IR: which rescued tokens win one of their IR expert's ``capacity`` rows, and
+    which row: ``ir_slot`` [T] long, the row (0 .. capacity-1) or -1 (not rescued, or beyond
+    the budget).
+
+    One ranking per IR expert ``h``, the key compared lexicographically being
+    ``(m, p[t, h], -t)``: first the tokens that lost the most top-k choices (``m``; a token
+    with ``m = k`` is computed by nobody else, one with ``m < k`` still has a kept choice), then
+    the higher probability for ``h`` at float32 precision (``ordered_score_key``: NaN last),
+    then the lower token index. The row is the token's rank in that order. The key is packed
+    into one int64 and is unique (the token index is part of it), so the result never depends
+    on how a sort breaks ties. No host sync: argsort, gather and ``scatter_add`` only.
+    """
+    num_tokens, num_experts = probs.shape
+    device = probs.device
+    rectified = ir_expert >= 0
+    if num_tokens == 0 or capacity <= 0:
+        return torch.full_like(ir_expert, -1)
+    token_bits = max(1, math.ceil(math.log2(num_tokens)))
+    tier_bits = topk.bit_length()
+    if tier_bits + _SCORE_BITS + token_bits > 63:
+        raise ValueError(
+            f"{num_tokens} tokens with top-{topk} do not fit the 63-bit IR ranking key; "
+            "route fewer tokens per call (smaller micro-batch or sequence length)."
+        )
+    destination = ir_expert.clamp_min(0)
+    score_key = ordered_score_key(probs.gather(1, destination.unsqueeze(1)).squeeze(1))
+    later_token = torch.arange(num_tokens - 1, -1, -1, device=device)
+    tier = ir_multiplicity.to(torch.int64) << (_SCORE_BITS + token_bits)
+    key = tier | (score_key << token_bits) | later_token
+    # Tokens IR does not rescue form one extra group (index E), which never gets a row.
+    group = torch.where(rectified, destination, num_experts)
+    order = key.argsort(descending=True)
+    order = order[group[order].argsort(stable=True)]
+    sorted_group = group[order]
+    # scatter_add, not bincount: CUDA's bincount reads the input's range on the host (a sync)
+    per_group = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    per_group = per_group.scatter_add(0, group, torch.ones_like(group))
+    group_start = per_group.cumsum(0) - per_group
+    rank = torch.arange(num_tokens, device=device) - group_start[sorted_group]
+    slot = torch.empty_like(rank).scatter_(0, order, rank)
+    return torch.where(rectified & (slot < capacity), slot, -1)
+
+
 def rectified_gate_weights(
     probs: torch.Tensor,
     request_experts: torch.Tensor,
@@ -408,6 +488,15 @@ def rectified_routing(
     else:
         ir_expert = torch.full((num_tokens,), -1, dtype=torch.int64, device=probs.device)
         ir_multiplicity = torch.zeros_like(ir_expert)
+    ir_capacity = ir_slot = ir_over_budget = None
+    if options.intra_gpu and options.ir_capacity_factor is not None:
+        # Static IR: the budget is decided before the gate weights, so a token beyond it is
+        # weighted exactly as if IR had not triggered for it (no IR term, no IR weight).
+        ir_capacity = intra_gpu_capacity(num_tokens, topk, num_experts, options.ir_capacity_factor)
+        ir_slot = intra_gpu_budget(probs, ir_expert, ir_multiplicity, ir_capacity, topk)
+        ir_over_budget = (ir_expert >= 0) & (ir_slot < 0)
+        ir_expert = torch.where(ir_over_budget, -1, ir_expert)
+        ir_multiplicity = torch.where(ir_over_budget, 0, ir_multiplicity)
     weights, ir_weights = rectified_gate_weights(
         probs,
         request_experts,
@@ -438,4 +527,7 @@ def rectified_routing(
         padding_map=padding_map,
         capacity=capacity,
         intra_gpu=options.intra_gpu,
+        ir_capacity=ir_capacity,
+        ir_slot=ir_slot,
+        ir_over_budget=ir_over_budget,
     )

@@ -34,6 +34,10 @@ class RoutingStatistics:
 
     ``padded`` counts slots a padded all-to-all would still send and compute with no token in
     them (``num_experts * capacity - occupied``); ``lost`` counts tokens that no expert computes.
+    ``ir_over_budget`` (static IR only, else 0) counts tokens IR would have rescued that found
+    their expert's IR rows full: each is also in ``dropped`` (its lost requests) and, when no
+    routed pair is left to it, in ``lost``. So every token is routed (kept or filled in),
+    IR-rescued (``rectified``) or counted in ``lost``; nothing disappears uncounted.
     """
 
     num_tokens: int
@@ -46,6 +50,7 @@ class RoutingStatistics:
     padded: torch.Tensor
     lost: torch.Tensor
     expert_load: torch.Tensor  # [E] tokens per expert, IR tokens included
+    ir_over_budget: torch.Tensor | int = 0
 
     def as_percentages(self) -> dict[str, float]:
         """Human-readable rates (this is where the one host sync happens, for logging)."""
@@ -66,6 +71,7 @@ RATES = (
     ("filled_in_pct", "filled_in", "slots"),
     ("rectified_pct", "rectified", "num_tokens"),
     ("lost_pct", "lost", "num_tokens"),
+    ("ir_over_budget_pct", "ir_over_budget", "num_tokens"),
 )
 RATE_COUNTS = tuple(count for _, count, _ in RATES)
 RATE_TOTALS = tuple(dict.fromkeys(total for _, _, total in RATES))
@@ -104,6 +110,7 @@ def routing_statistics(routing: RectifiedRouting, topk: int) -> RoutingStatistic
     # scatter_add, not bincount of a masked selection: boolean indexing would sync the host.
     ir_load = torch.zeros(num_experts, dtype=torch.int64, device=rectified.device)
     ir_load = ir_load.scatter_add(0, routing.ir_expert.clamp_min(0), rectified.to(torch.int64))
+    over_budget = routing.ir_over_budget
     return RoutingStatistics(
         num_tokens=num_tokens,
         num_requests=num_tokens * topk,
@@ -115,6 +122,7 @@ def routing_statistics(routing: RectifiedRouting, topk: int) -> RoutingStatistic
         padded=(slots - occupied).clamp_min(0),
         lost=(~routed_map.any(dim=1) & ~rectified).sum(),
         expert_load=routed_map.sum(dim=0) + ir_load,
+        ir_over_budget=torch.zeros_like(occupied) if over_budget is None else over_budget.sum(),
     )
 
 

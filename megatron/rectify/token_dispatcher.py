@@ -16,7 +16,9 @@ Workflow (megatron's steps unchanged, ours marked *; the side batch's step in br
          that would be padding, so buffer shapes stay static, and the router tops every column
          up to exactly ``C`` with zero-weight padding pairs: megatron's padded path, TE's fused
          permute in particular, packs ``C`` rows per expert and relies on that count).
-    (1*) [split] the IR tokens of this rank's input, per local expert, with their IR weights.
+    (1*) [split] the IR tokens of this rank's input, per local expert, with their IR weights
+         (static IR, ``--moe-rectify-ir-capacity-factor``: a fixed ``B`` rows per local expert,
+         zero-weight rows where the budget is not used; no host sync in any step below).
     (2)  token dispatch: A2A(EP) - IR tokens are not part of it: zero extra inter-rank bytes.
     (3)  dispatch postprocess: AG(expert-TP) -> sort by local expert.
     (3*) [gather, interleave] AG(expert-TP) of the IR batch, merged per local expert with the
@@ -69,7 +71,13 @@ class MoERectifyAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if decision is None or not decision.intra_gpu:  # FR alone: no IR side batch at all
             self.intra_gpu.split(hidden_states, None, None)
         else:
-            self.intra_gpu.split(hidden_states, decision.ir_expert, decision.ir_probs)
+            self.intra_gpu.split(
+                hidden_states,
+                decision.ir_expert,
+                decision.ir_probs,
+                decision.ir_slot,
+                decision.ir_capacity,
+            )
         return super().dispatch_preprocess(hidden_states, routing_map, probs)
 
     def dispatch_postprocess(self, global_input_tokens, global_probs):

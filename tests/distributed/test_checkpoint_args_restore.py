@@ -45,20 +45,47 @@ def test_an_explicit_flag_wins_with_a_note_when_it_differs(trained: tuple[Path, 
         *BASE,
         "--use-checkpoint-args",
         "--load", str(checkpoint),
-        "--moe-token-dispatcher-type", "allgather",  # differs from the checkpoint: a note
+        "--moe-token-dispatcher-type", "flex",  # differs from the checkpoint: a note
         "--moe-rectify-ir-trigger", "ignore_kth",  # as in the checkpoint: silent
         torchrun=False,
     )  # fmt: skip
     notes = [line for line in run.stderr.splitlines() if ": note: " in line]
     assert notes == [
-        "pretrain_gpt_rectify.py: note: --moe-token-dispatcher-type allgather overrides the "
+        "pretrain_gpt_rectify.py: note: --moe-token-dispatcher-type flex overrides the "
         "checkpoint's alltoall"
     ], run.stderr[-3000:]
-    # the explicit allgather won, and --moe-rectify ir+fr came from the checkpoint: refused
+    # the explicit flex won, and --moe-rectify ir+fr came from the checkpoint: refused
     assert run.returncode == 2, run.stderr[-3000:]
     error = run.stderr.strip().splitlines()[-1]
     assert error.startswith("pretrain_gpt_rectify.py: error: --moe-rectify ir+fr needs")
-    assert "--moe-token-dispatcher-type alltoall" in error
+    assert "--moe-token-dispatcher-type alltoall or allgather (got 'flex')" in error
     errors = [line for line in run.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
+
+
+def test_fine_tuning_from_a_pretrained_checkpoint_restores_its_args(
+    trained: tuple[Path, str], tmp_path: Path
+) -> None:
+    """``--use-checkpoint-args --pretrained-checkpoint DIR`` with a fresh ``--load`` folder: the
+    first run of a fine-tuning job, megatron's order (pretrained args, then --load's, which has
+    none yet). Our restore once demanded --load and refused."""
+    checkpoint, log = trained
+    fresh = tmp_path / "finetune"
+    run_log = ok(
+        pretrain(
+            *BASE,
+            "--use-checkpoint-args",
+            "--pretrained-checkpoint", str(checkpoint),
+            "--load", str(fresh),
+            "--train-iters", "3",
+        )
+    )  # fmt: skip
+    assert "attempting to finetune with checkpoint in" in run_log, run_log[-3000:]
+    tuned, trained_losses = losses(run_log), losses(log)
+    assert sorted(tuned) == [1, 2, 3], run_log[-3000:]  # fine-tuning starts at iteration 1
+    # the pretrained weights were loaded: the first loss is the trained model's, not a new one's
+    assert abs(tuned[1] - trained_losses[20]) < abs(tuned[1] - trained_losses[1]), (tuned, log)
+    # and the routing came with the args (without it: dropless allgather, no rectification)
+    for statistic in ("rectify_rectified_pct", "rectify_filled_in_pct", "rectify_padded_pct"):
+        assert statistic in run_log, statistic

@@ -47,6 +47,30 @@ GRID = [
 ]
 
 
+# Static IR (--moe-rectify-ir-capacity-factor) with a budget that binds: EP 2 (IR rows per local
+# expert on each rank) and expert-TP 2 (the fixed-size IR batch all-gathered / reduce-scattered).
+STATIC_IR = [
+    pytest.param(
+        2,
+        {"ep": 2, "experts": 4, "topk": 2, "pad": True, "mode": "ir+fr", "ir_capacity_factor": 0.1},
+        id="ep2_two_local_experts-top2-pad-ir+fr-static-ir",
+    ),
+    pytest.param(
+        2,
+        {
+            "tp": 2,
+            "etp": 2,
+            "experts": 4,
+            "topk": 2,
+            "pad": True,
+            "mode": "ir",
+            "ir_capacity_factor": 0.1,
+        },
+        id="tp2_etp2-top2-pad-ir-static-ir",
+    ),
+]
+
+
 def _run(fn, world: int, case: dict) -> list:
     return run_distributed(
         fn,
@@ -59,7 +83,7 @@ def _run(fn, world: int, case: dict) -> list:
     )
 
 
-@pytest.mark.parametrize(("world", "case"), GRID)
+@pytest.mark.parametrize(("world", "case"), GRID + STATIC_IR)
 def test_layer_equals_the_spec_reference(world: int, case: dict) -> None:
     results = _run(cases.layer_vs_reference, world, case)
     for rank, result in enumerate(results):
@@ -69,6 +93,8 @@ def test_layer_equals_the_spec_reference(world: int, case: dict) -> None:
     assert sum(r["dropped"] for r in results) > 0  # the case exercises rectification
     if "ir" in case["mode"]:
         assert sum(r["rectified"] for r in results) > 0
+    if "ir_capacity_factor" in case:  # the budget binds: some IR tokens are counted, not rescued
+        assert sum(r["ir_over_budget"] for r in results) > 0
 
 
 @pytest.mark.parametrize(

@@ -166,7 +166,8 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_run(ep2_run: str, tmp_pa
 def test_four_processes_tensor_sequence_and_expert_parallel() -> None:
     """TP=2 + SP + EP=2 (ETP=1): the local spec's norm must work under sequence parallelism
     (megatron's torch fallback refuses it) and its gradients must be summed over TP, which the
-    replica check (norm weights compared across the TP group) verifies."""
+    replica check (norm weights compared across the TP group) verifies. With the allgather
+    dispatcher (megatron's choice with TP and few experts), rectified ir+fr."""
     log = ok(
         torchrun(
             4,
@@ -177,6 +178,8 @@ def test_four_processes_tensor_sequence_and_expert_parallel() -> None:
             "2",
             "--expert-tensor-parallel-size",
             "1",
+            "--moe-token-dispatcher-type",
+            "allgather",
             "--train-iters",
             "12",
         )
@@ -184,6 +187,8 @@ def test_four_processes_tensor_sequence_and_expert_parallel() -> None:
     loss = losses(log)
     assert loss[12] < loss[1] - 0.2, loss
     assert log.count("replicas hold identical weights") == 4
+    rectified = [float(v) for v in re.findall(r"rectify_rectified_pct: ([0-9.]+)", log)]
+    assert rectified and max(rectified) > 0, log[-2000:]
 
 
 def test_four_processes_pipeline_and_expert_parallel() -> None:
@@ -215,7 +220,7 @@ def _single(*extra: str) -> subprocess.CompletedProcess:
     [
         # megatron's own bare assert, made readable:
         (["--save", "/nonexistent/checkpoints"], "args.save_interval is not None"),
-        (["--moe-token-dispatcher-type", "allgather"], "--moe-token-dispatcher-type alltoall"),
+        (["--moe-token-dispatcher-type", "flex"], "--moe-token-dispatcher-type alltoall or allg"),
         (["--num-experts", "3", "--expert-model-parallel-size", "2"], "not divisible"),
         (["--moe-rectify-ir-trigger", "any"], "--moe-rectify-ir-trigger"),
         (["--moe-rectify-eval", "ir", "--moe-expert-capacity-factor", "8"], "--moe-rectify-eval"),

@@ -55,3 +55,15 @@ def test_explicit_means_parsed_from_the_command_line_not_a_word_in_it() -> None:
     assert args.moe_rectify_straight_through is False
     assert args.moe_expert_capacity_factor == 1.0  # not given: the checkpoint's
     assert args.moe_token_dispatcher_type == "alltoall"
+
+
+def test_the_static_ir_budget_comes_from_the_checkpoint_unless_given() -> None:
+    saved = argparse.Namespace(moe_rectify="ir", moe_rectify_ir_capacity_factor=0.25)
+    args = _parsed([])
+    assert apply_checkpoint_routing(args, saved, dict(vars(args)), explicit_options([])) == []
+    assert args.moe_rectify_ir_capacity_factor == 0.25  # which IR tokens are rescued: restored
+    argv = ["--moe-rectify-ir-capacity-factor", "0.5"]
+    args = _parsed(argv)
+    notes = apply_checkpoint_routing(args, saved, dict(vars(args)), explicit_options(argv))
+    assert notes == ["--moe-rectify-ir-capacity-factor 0.5 overrides the checkpoint's 0.25"]
+    assert args.moe_rectify_ir_capacity_factor == 0.5

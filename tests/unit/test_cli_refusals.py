@@ -254,6 +254,40 @@ def test_the_transformer_config_refuses_it_too(factor: float) -> None:
         )
 
 
+# ---- static IR: --moe-rectify-ir-capacity-factor -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--moe-rectify-ir-capacity-factor", "0"], "must be a positive number"),
+        (["--moe-rectify-ir-capacity-factor", "-0.5"], "must be a positive number"),
+        (["--moe-rectify-ir-capacity-factor", "inf"], "must be a positive number"),
+        (["--moe-rectify", "fr", "--moe-rectify-ir-capacity-factor", "0.5"], "runs no IR"),
+        (
+            ["--moe-rectify", "none", "--moe-rectify-ir-capacity-factor", "0.5"],
+            "use --moe-rectify ir or ir+fr",
+        ),
+    ],
+)
+def test_static_ir_needs_a_positive_budget_and_a_mode_with_ir(refusal, flags, words) -> None:
+    line = refusal(*flags, *MOCK)
+    assert "--moe-rectify-ir-capacity-factor" in line and words in line
+
+
+@pytest.mark.parametrize("mode_flags", [[], ["--moe-rectify", "none", "--moe-rectify-eval", "ir"]])
+def test_static_ir_is_accepted_with_ir_in_training_or_evaluation(parse, mode_flags) -> None:
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    from megatron.rectify.config import RectifyTransformerConfig
+    from megatron.rectify.training.args import eval_rectify_options
+
+    args = parse(*mode_flags, "--moe-rectify-ir-capacity-factor", "0.25", *MOCK)
+    config = core_transformer_config_from_args(args, RectifyTransformerConfig)
+    options = eval_rectify_options(args) or config.rectify_options
+    assert options.intra_gpu and options.ir_capacity_factor == 0.25  # reaches the router
+
+
 # ---- item 8: a split megatron would build from no document --------------------------------------
 
 
@@ -359,3 +393,43 @@ def test_exit_on_missing_checkpoint_without_a_checkpoint_is_refused(
     (saved / "iter_0000010").mkdir(parents=True)
     (saved / "latest_checkpointed_iteration.txt").write_text("10")
     assert parse("--load", str(saved), "--exit-on-missing-checkpoint", *MOCK)
+
+
+# ---- --pretrained-checkpoint and --yaml-cfg -----------------------------------------------------
+
+
+def test_a_pretrained_checkpoint_that_cannot_load_is_named_before_start_up(
+    refusal, parse, tmp_path: Path
+) -> None:
+    """megatron-core 0.19.2 finds it only after building the model (FileNotFoundError)."""
+    missing = tmp_path / "missing"
+    assert "--pretrained-checkpoint " + str(missing) + ": no such folder" in refusal(
+        "--pretrained-checkpoint", str(missing), *MOCK
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert f"--pretrained-checkpoint {empty} holds no checkpoint" in refusal(
+        "--pretrained-checkpoint", str(empty), *MOCK
+    )
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "latest_checkpointed_iteration.txt").write_text("30")
+    line = refusal("--pretrained-checkpoint", str(stale), *MOCK)
+    assert line.split("error: ", 1)[1].startswith("--pretrained-checkpoint: ") and "30" in line
+    saved = tmp_path / "saved"
+    (saved / "iter_0000010").mkdir(parents=True)
+    (saved / "latest_checkpointed_iteration.txt").write_text("10")
+    assert parse("--pretrained-checkpoint", str(saved), *MOCK)
+    # --load holds a checkpoint: megatron resumes it and never reads the pretrained one
+    assert parse("--pretrained-checkpoint", str(empty), "--load", str(saved), *MOCK)
+
+
+def test_checkpoint_args_need_a_folder_to_read_them_from(refusal) -> None:
+    line = refusal("--use-checkpoint-args", *MOCK)
+    assert "--use-checkpoint-args needs --load DIR or --pretrained-checkpoint DIR" in line
+
+
+@pytest.mark.parametrize("spelling", [["--yaml-cfg", "run.yaml"], ["--yaml-cfg=run.yaml"]])
+def test_yaml_cfg_is_refused_with_the_reason(refusal, spelling: list[str]) -> None:
+    line = refusal(*spelling, *MOCK)
+    assert "--yaml-cfg is not supported" in line and "command line" in line

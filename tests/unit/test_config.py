@@ -49,6 +49,13 @@ def make(**overrides) -> RectifyTransformerConfig:
         ),
         ({"moe_rectify": "fr", "moe_router_topk": 8}, "--moe-router-topk"),
         ({"moe_rectify": "ir", "moe_enable_routing_replay": True}, "--moe-enable-routing-replay"),
+        # static IR: the budget must be a positive number (whatever the mode)
+        ({"moe_rectify": "ir", "moe_rectify_ir_capacity_factor": 0.0}, "--moe-rectify-ir-capacity"),
+        ({"moe_rectify": "ir", "moe_rectify_ir_capacity_factor": -1}, "--moe-rectify-ir-capacity"),
+        (
+            {"moe_rectify": "none", "moe_rectify_ir_capacity_factor": float("nan")},
+            "--moe-rectify-ir-capacity-factor",
+        ),
     ],
 )
 def test_bad_combinations_name_the_flag(overrides: dict, flag: str) -> None:
@@ -111,14 +118,18 @@ def test_options_from_settings_with_an_evaluation_mode() -> None:
 @pytest.mark.parametrize(
     ("rectify", "evaluate", "dispatcher", "flag"),
     [
-        ("ir", "train", "allgather", "--moe-rectify ir"),
-        ("none", "fr", "allgather", "--moe-rectify-eval fr"),
-        ("none", "none", "allgather", None),
-        ("none", "train", "allgather", None),
+        ("ir", "train", "flex", "--moe-rectify ir"),
+        ("none", "fr", "flex", "--moe-rectify-eval fr"),
+        ("none", "none", "flex", None),
+        ("none", "train", "flex", None),
         ("ir+fr", "ir", "alltoall", None),
+        ("ir+fr", "ir", "allgather", None),
+        ("fr", "train", "allgather", None),
     ],
 )
-def test_rectifying_needs_alltoall(rectify: str, evaluate: str, dispatcher: str, flag) -> None:
+def test_rectifying_needs_alltoall_or_allgather(
+    rectify: str, evaluate: str, dispatcher: str, flag
+) -> None:
     import argparse
 
     from megatron.rectify.config import dispatcher_problem
@@ -130,4 +141,7 @@ def test_rectifying_needs_alltoall(rectify: str, evaluate: str, dispatcher: str,
     if flag is None:
         assert problem is None
     else:
-        assert problem.startswith(f"{flag} needs --moe-token-dispatcher-type alltoall")
+        assert problem.startswith(
+            f"{flag} needs --moe-token-dispatcher-type alltoall or allgather (got 'flex'): "
+        )
+        assert "DeepEP" in problem and "HybridEP" in problem

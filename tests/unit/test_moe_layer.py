@@ -61,12 +61,29 @@ def _built_class(builder) -> type:
         pytest.param(
             {"experts": 4, "topk": 1, "mode": "fr", "capacity_factor": 3.0}, id="no-drops"
         ),
+        # Static IR (--moe-rectify-ir-capacity-factor): a budget that leaves tokens unrescued,
+        # with and without padding, top-1 and top-2, and one that rescues them all.
+        pytest.param(
+            {"experts": 4, "topk": 1, "mode": "ir+fr", "ir_capacity_factor": 0.1},
+            id="static-ir-top1-ir+fr-over-budget",
+        ),
+        pytest.param(
+            {"experts": 4, "topk": 2, "mode": "ir", "ir_capacity_factor": 0.1, "pad": False},
+            id="static-ir-top2-ir-nopad-over-budget",
+        ),
+        pytest.param(
+            {"experts": 4, "topk": 1, "mode": "ir", "ir_capacity_factor": 1.0},
+            id="static-ir-top1-ir-within-budget",
+        ),
     ],
 )
 def test_single_process_layer_equals_reference(case: dict) -> None:
     result = cases.layer_vs_reference(0, 1, case)
     for name in ("output", "x_grad", "fc1", "fc2", "router"):
         assert result[name] < 2e-5 * max(1.0, result["scale"]), (name, result)
+    if "ir_capacity_factor" in case:  # the case exercises rescue, and the budget when small
+        assert result["rectified"] > 0, result
+        assert (result["ir_over_budget"] > 0) == (case["ir_capacity_factor"] < 0.5), result
 
 
 def test_routing_statistics_reach_megatrons_metrics_tracker() -> None:
@@ -84,10 +101,12 @@ def test_routing_statistics_reach_megatrons_metrics_tracker() -> None:
     assert recorded["rectify_rectified_pct"][0].item() == pytest.approx(expected["rectified_pct"])
 
 
-def test_rectification_needs_the_alltoall_dispatcher() -> None:
-    config = cases.make_config({"experts": 4, "topk": 1}, 1)
-    config.moe_token_dispatcher_type = "allgather"
-    with pytest.raises(RectifyConfigError, match="--moe-token-dispatcher-type alltoall"):
+def test_rectification_refuses_the_flex_dispatcher() -> None:
+    """Refused before megatron builds the flex dispatcher (which needs DeepEP / HybridEP)."""
+    config = cases.make_config({"experts": 4, "topk": 1, "pad": False}, 1)
+    config.moe_token_dispatcher_type = "flex"
+    expected = "--moe-token-dispatcher-type alltoall or allgather \\(got 'flex'\\)"
+    with pytest.raises(RectifyConfigError, match=expected):
         cases.build_layer(config)
 
 

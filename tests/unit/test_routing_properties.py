@@ -16,9 +16,11 @@ from megatron.rectify.reference import reference_rectified_routing
 from megatron.rectify.routing import (
     capacity_slot_assignment,
     fill_in_candidates,
+    intra_gpu_capacity,
     rectified_routing,
     topk_indices_to_map,
 )
+from megatron.rectify.statistics import routing_statistics
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -50,6 +52,8 @@ def routing_problems(draw: st.DrawFn) -> dict:
         fill_in_candidates=draw(st.sampled_from(["next", "any"])),
         straight_through=draw(st.booleans()),
         drop_policy=draw(st.sampled_from(["probs", "position"])),
+        # static IR (--moe-rectify-ir-capacity-factor): budgets that bind and ones that do not
+        ir_capacity_factor=draw(st.sampled_from([None, 0.1, 0.5, 2.0])) if "ir" in mode else None,
     )
     return {
         "probs": logits.softmax(dim=-1),
@@ -76,6 +80,11 @@ def test_vectorised_routing_equals_the_loop_reference(problem: dict) -> None:
     slow = run(problem, reference_rectified_routing, probs)
     for name in ("routing_map", "kept_map", "fill_in_map", "dropped_map", "ir_expert"):
         assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+    assert fast.ir_capacity == slow.ir_capacity
+    for name in ("ir_slot", "ir_over_budget"):  # static IR: the same rows for the same tokens
+        fast_value, slow_value = getattr(fast, name), getattr(slow, name)
+        assert (fast_value is None) == (slow_value is None), name
+        assert fast_value is None or torch.equal(fast_value, slow_value), name
     torch.testing.assert_close(fast.probs, slow.probs, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fast.ir_probs, slow.ir_probs, rtol=1e-12, atol=1e-12)
     if probs.numel():
@@ -129,16 +138,23 @@ def test_invariants(problem: dict) -> None:
             should = (lost_choices == topk) & ~routing.fill_in_map.any(dim=1)
         else:
             should = lost_choices > 0
-        assert torch.equal(rectified, should)
         local = problem["local_experts"]
+        if options.ir_capacity_factor is None:
+            assert routing.ir_over_budget is None and routing.ir_slot is None
+            assert torch.equal(rectified, should)
+            # No token silently lost: with dynamic IR, every token is computed by some expert.
+            assert (routing.routing_map.any(dim=1) | rectified).all()
+        else:
+            _check_ir_budget(routing, should, probs, topk, local, options.ir_capacity_factor)
         assert (
             (routing.ir_expert[rectified] >= local.start)
             & (routing.ir_expert[rectified] < local.stop)
         ).all()
-        # No token silently lost: with IR on, every token is computed by some expert.
-        assert (routing.routing_map.any(dim=1) | rectified).all()
     else:
         assert not rectified.any()
+    # Every token is routed (kept or filled in), IR-rescued, or counted as lost.
+    stats = routing_statistics(routing, topk)
+    assert int(stats.lost) == int((~routing.routed_map.any(dim=1) & ~rectified).sum())
     # Weights: zero off the routed pairs (padding never carries weight), finite, and each
     # computed token's weights sum to 1 (straight-through changes gradients, not values).
     assert not routing.probs[~routing.routing_map].any()
@@ -148,6 +164,28 @@ def test_invariants(problem: dict) -> None:
     sums = routing.probs.sum(dim=1) + routing.ir_probs
     torch.testing.assert_close(sums[computed], torch.ones_like(sums[computed]))
     assert num_tokens == routing.routing_map.shape[0]
+
+
+def _check_ir_budget(
+    routing, should: torch.Tensor, probs: torch.Tensor, topk: int, local: range, factor: float
+) -> None:
+    """Static IR: each expert rescues at most B triggered tokens, fills its B rows before
+    refusing one, gives each rescued token its own row, and every refusal is counted."""
+    num_tokens, num_experts = probs.shape
+    budget = intra_gpu_capacity(num_tokens, topk, num_experts, factor)
+    assert routing.ir_capacity == budget
+    rectified, over = routing.ir_expert >= 0, routing.ir_over_budget
+    assert torch.equal(rectified | over, should) and not (rectified & over).any()
+    destination = probs[:, local.start : local.stop].argmax(dim=1) + local.start
+    assert torch.equal(routing.ir_expert[rectified], destination[rectified])
+    assert torch.equal(routing.ir_slot >= 0, rectified)
+    for expert in local:
+        rows = routing.ir_slot[rectified & (routing.ir_expert == expert)]
+        assert rows.numel() <= budget
+        assert torch.equal(rows.sort().values, torch.arange(rows.numel()))
+        if (over & (destination == expert)).any():
+            assert rows.numel() == budget  # a token is refused only by a full expert
+    assert int(routing_statistics(routing, topk).ir_over_budget) == int(over.sum())
 
 
 @settings(max_examples=60, deadline=None)

@@ -45,7 +45,7 @@ MOE_ARGS = (
 )  # fmt: skip
 RECTIFY_ARGS = (
     "moe_rectify", "moe_rectify_ir_trigger", "moe_rectify_fill_in_candidates",
-    "moe_rectify_straight_through", "moe_rectify_eval",
+    "moe_rectify_straight_through", "moe_rectify_eval", "moe_rectify_ir_capacity_factor",
 )  # fmt: skip
 
 

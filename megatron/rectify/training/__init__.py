@@ -2,6 +2,8 @@
 
 * :mod:`~megatron.rectify.training.args` - the ``--moe-rectify*`` flags and the parse ->
   check -> validate sequence (one line naming the flag for a bad combination);
+* :mod:`~megatron.rectify.training.option_checks` - megatron's MoE options (fusions, CUDA
+  graphs, EP overlap, FP8 padding) against rectification, one of those lines each;
 * :mod:`~megatron.rectify.training.checkpoint_args` - ``--load`` / ``--use-checkpoint-args``
   before megatron starts (tracker file, restored routing, unreadable checkpoint files);
 * :mod:`~megatron.rectify.training.gpt_recipe` - megatron's GPT recipe on the rectified layer

@@ -24,6 +24,7 @@ from megatron.rectify.config import (
     RectifyConfigError,
     RectifyOptions,
     dispatcher_problem,
+    ir_capacity_factor_problem,
     rectify_options_from_config,
     rectifying_modes,
     validate_rectify_settings,
@@ -32,6 +33,10 @@ from megatron.rectify.dev.mode import (
     CPU_EMULATION_DEFAULT_ARGS,
     CPU_EMULATION_ENV,
     CPU_EMULATION_FLAG,
+)
+from megatron.rectify.training.option_checks import (
+    environment_problems,
+    megatron_option_problems,
 )
 
 
@@ -45,7 +50,8 @@ def add_rectify_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="Rectify top-k routing after capacity truncation: ir = Intra-GPU Rectification "
         "(dropped tokens go to the best expert on their own GPU), fr = Fill-in Rectification "
         "(padding slots take the best unrouted tokens), ir+fr = both. Needs "
-        "--moe-expert-capacity-factor and --moe-token-dispatcher-type alltoall.",
+        "--moe-expert-capacity-factor and --moe-token-dispatcher-type alltoall or allgather "
+        "(not flex).",
     )
     group.add_argument(
         "--moe-rectify-ir-trigger",
@@ -61,6 +67,19 @@ def add_rectify_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         default="next",
         help="Fill-in candidates: next = only each token's (k+1)-th choice; any = any expert "
         "outside its top-k.",
+    )
+    group.add_argument(
+        "--moe-rectify-ir-capacity-factor",
+        type=float,
+        default=None,
+        metavar="F",
+        help="Static IR: give each local expert a fixed B = ceil(tokens * top-k / experts * F) "
+        "IR rows per layer call (megatron's capacity formula with F), filled by the tokens "
+        "that lost the most top-k choices, then by probability. Trades lost tokens for speed: "
+        "tokens beyond the budget are not rescued (counted as lost / ir_over_budget), but IR "
+        "adds no host sync and its shapes are static (CUDA-graph capturable). Default: dynamic "
+        "IR, every triggered token rescued, 4 host syncs per layer call. Needs ir in "
+        "--moe-rectify (or --moe-rectify-eval).",
     )
     group.add_argument(
         "--no-moe-rectify-straight-through",
@@ -120,6 +139,9 @@ def rectify_arg_problems(args: argparse.Namespace) -> list[str]:
             f"--moe-router-topk {topk} is out of range for --num-experts {args.num_experts}: set "
             f"it between 1 and {args.num_experts} (the number of experts each token is routed to)."
         ]
+    problem = ir_capacity_factor_problem(args)  # one line: the other checks may repeat it
+    if problem:
+        return [problem]
     problems = []
     try:
         validate_rectify_settings(_ArgsAsConfig(args))
@@ -175,6 +197,7 @@ def rectify_arg_problems(args: argparse.Namespace) -> list[str]:
             validate_rectify_settings(_EvalModeArgs(args))
         except RectifyConfigError as error:
             problems.append(str(error).replace("--moe-rectify ", "--moe-rectify-eval "))
+    problems.extend(megatron_option_problems(args))  # training/option_checks.py
     return problems
 
 
@@ -208,17 +231,21 @@ def parse_and_validate_args(
     from megatron.training.global_vars import set_global_variables
 
     from megatron.rectify.data.checks import data_source_problem
-    from megatron.rectify.megatron_patches import install_byte_level_tokenizer
+    from megatron.rectify.megatron_patches import (
+        install_byte_level_tokenizer,
+        mirrored_argument_sequence,
+    )
 
+    mirrored_argument_sequence()  # this function follows megatron's own: same version?
     install_byte_level_tokenizer()  # --tokenizer-type ByteLevel; before megatron's parser exists
     args_defaults = args_defaults or {}
+    yaml_problem = yaml_cfg_problem(sys.argv[1:])
+    if yaml_problem:  # before megatron's parse_args, which replaces the args by the YAML's
+        print(f"{prog}: error: {yaml_problem}", file=sys.stderr)
+        sys.exit(2)
     args = parse_args(add_rectify_args)
     _restore_model_args_from_checkpoint(args, prog)
-    problems = rectify_arg_problems(args)
-    if problems:
-        for problem in problems:
-            print(f"{prog}: error: {problem}", file=sys.stderr)
-        sys.exit(2)
+    _stop_on_the_first(rectify_arg_problems(args), prog)
     if training_data:
         _default_to_the_embedded_corpus(args)
     try:
@@ -229,12 +256,56 @@ def parse_and_validate_args(
             file=sys.stderr,
         )
         sys.exit(2)
-    problem = data_source_problem(args) if training_data else None  # needs validate's --split
-    if problem:
-        print(f"{prog}: error: {problem}", file=sys.stderr)
-        sys.exit(2)
+    problems = environment_problems(args) or transformer_config_problems(args)
+    if training_data:
+        problems += [p for p in [data_source_problem(args)] if p]  # needs validate's --split
+    _stop_on_the_first(problems, prog)
     set_global_variables(args, build_tokenizer=build_tokenizer)
     return args
+
+
+def _stop_on_the_first(problems: list[str], prog: str) -> None:
+    """Exit 2 with ONE line, the first problem (the checks list the most basic first: a fix for
+    it often changes the others), as argparse stops on its first error."""
+    if problems:
+        print(f"{prog}: error: {problems[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
+def transformer_config_problems(args: argparse.Namespace) -> list[str]:
+    """The model's ``TransformerConfig`` built once before start-up: megatron-core 0.19.2
+    checks many settings only in ``TransformerConfig.__post_init__`` (e.g. a fusion whose
+    kernels are missing), i.e. when each rank builds its model, as a traceback on every rank.
+    Its message, as one line, instead."""
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    from megatron.rectify.config import RectifyTransformerConfig
+
+    if args.num_experts is None:  # a dense model: the recipe builds it without MoE settings
+        return []
+    try:
+        core_transformer_config_from_args(args, RectifyTransformerConfig)
+    except (ValueError, AssertionError) as error:
+        message = " ".join(str(error).split()) or _failed_assertion(error)
+        return [f"megatron's TransformerConfig refuses these settings: {message}"]
+    return []
+
+
+def yaml_cfg_problem(argv: list[str]) -> str | None:
+    """``--yaml-cfg``: refused, because megatron-core 0.19.2's experimental YAML mode cannot
+    train a GPT, with or without rectification. Its ``load_yaml`` replaces every command-line
+    flag by the file's nested namespace, and its ``validate_yaml`` skips derivations that the
+    training loop relies on (``main_grads_dtype`` stays the string ``"fp32"``, so megatron's own
+    ``OptimizerConfig`` refuses it). A canary test (tests/unit/test_yaml_cfg.py) runs megatron's
+    YAML path on a complete file of the tiny model and fails when megatron fixes this."""
+    if not any(arg == "--yaml-cfg" or arg.startswith("--yaml-cfg=") for arg in argv):
+        return None
+    return (
+        "--yaml-cfg is not supported: megatron-core's experimental YAML mode ignores every "
+        "command-line flag and leaves settings underived (main_grads_dtype stays a string), so "
+        "megatron's own optimizer set-up fails. Put the settings on the command line, e.g. "
+        "`pretrain_gpt_rectify.py $(cat my_args.txt)`."
+    )
 
 
 def _restore_model_args_from_checkpoint(args: argparse.Namespace, prog: str) -> None:

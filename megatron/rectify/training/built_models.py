@@ -47,7 +47,18 @@ class BuiltModels:
 
         layers = [m for chunk in self.chunks for m in chunk.modules()]
         layers = [m for m in layers if isinstance(m, RectifyMoELayer)]
-        return sorted(layers, key=lambda layer: layer.layer_number or 0)
+        return sorted(layers, key=lambda layer: model_layer_number(layer) or 0)
+
+
+def model_layer_number(layer: torch.nn.Module) -> int | None:
+    """``layer``'s 1-based number in the whole model, multi-token-prediction layers after the
+    decoder's: megatron numbers the layers inside an MTP block from 1 again, and its MoE
+    metrics tracker files MTP layer ``n`` under ``num_layers + n`` (as ``RectifyMoELayer`` does
+    for the routing statistics)."""
+    number = getattr(layer, "layer_number", None)
+    if number is None or not getattr(layer, "is_mtp_layer", False):
+        return number
+    return number + layer.config.num_layers
 
 
 #: This process's registry (megatron keeps one model per process, so does this).

@@ -45,11 +45,12 @@ CHECKPOINT_ROUTING_ARGS = (
     "moe_rectify_fill_in_candidates",
     "moe_rectify_straight_through",
     "moe_rectify_eval",
+    "moe_rectify_ir_capacity_factor",  # static IR's budget: which IR tokens are rescued
     # capacity: which tokens are dropped, and padding (what fill-in rectification fills)
     "moe_expert_capacity_factor",
     "moe_pad_expert_input_to_capacity",
     "moe_token_drop_policy",
-    # the dispatcher: rectification needs alltoall, and IR's "own GPU" is the alltoall's rank
+    # the dispatcher: rectification needs alltoall or allgather (IR's "own GPU": the EP rank)
     "moe_token_dispatcher_type",
     # the routing function
     "moe_router_topk",
@@ -89,11 +90,15 @@ def _fail(prog: str, message: str) -> NoReturn:
 
 
 def prepare_checkpoint_load(args: argparse.Namespace, prog: str) -> None:
-    """Everything about ``--load`` that must happen before megatron starts."""
+    """Everything about ``--load`` / ``--pretrained-checkpoint`` that must happen before
+    megatron starts, in megatron's own order (its ``parse_and_validate_args``): the folders
+    checked, then ``--use-checkpoint-args`` from the pretrained checkpoint and then from
+    ``--load``."""
     check_load_dir(args, prog)
+    check_pretrained_dir(args, prog)
     if args.use_checkpoint_args:
         restore_args_from_checkpoint(args, prog)
-    if args.load is not None:
+    if args.load is not None or getattr(args, "pretrained_checkpoint", None) is not None:
         install_load_guard(prog)
 
 
@@ -125,6 +130,9 @@ def check_load_dir(args: argparse.Namespace, prog: str) -> None:
         if not folder.is_dir():
             saved = ", ".join(str(i) for i in saved_iterations(load)[-5:]) or "none"
             _fail(prog, f"--ckpt-step {step}: {folder} does not exist (saved here: {saved})")
+        problem = torch_format_ckpt_step_problem(args, marker)
+        if problem:
+            _fail(prog, problem)
     elif marker is not None and not (Path(load) / iteration_folder_name(marker)).is_dir():
         _fail(prog, missing_iteration_message(load, marker))
     elif marker is None and getattr(args, "exit_on_missing_checkpoint", False):
@@ -136,6 +144,108 @@ def check_load_dir(args: argparse.Namespace, prog: str) -> None:
             "latest_checkpointed_iteration.txt): check the path, or drop "
             "--exit-on-missing-checkpoint to start from scratch.",
         )
+    if step or marker is not None:  # the folder megatron will load
+        problem = distributed_optimizer_resume_problem(
+            args, Path(load) / iteration_folder_name(step or marker)
+        )
+        if problem:
+            _fail(prog, problem)
+
+
+def torch_format_ckpt_step_problem(args: argparse.Namespace, marker: str | None) -> str | None:
+    """``--ckpt-step`` of a ``--ckpt-format torch`` checkpoint with
+    ``--use-distributed-optimizer``, other than the iteration the tracker file names: refused,
+    because megatron-core 0.19.2's ``load_checkpoint`` reads the distributed optimizer's file
+    (``distrib_optim.pt``) of the tracker's iteration and then reports that iteration as the one
+    loaded, so the run would resume with the model of one step, the optimizer state of another
+    and a wrong iteration count, silently (seen on CPU: ``--ckpt-step 2`` next to a tracker
+    naming 4 loaded "at iteration 4")."""
+    step = getattr(args, "ckpt_step", None)
+    if not step or marker == str(step):
+        return None
+    if not getattr(args, "use_distributed_optimizer", False):
+        return None
+    if getattr(args, "ckpt_format", None) != "torch":
+        return None
+    return (
+        f"--ckpt-step {step} with --use-distributed-optimizer and --ckpt-format torch: "
+        "megatron-core loads the distributed optimizer state of the iteration "
+        f"latest_checkpointed_iteration.txt names ({marker}), not of step {step}. Write {step} "
+        f"into {Path(args.load) / 'latest_checkpointed_iteration.txt'} instead of passing "
+        "--ckpt-step."
+    )
+
+
+def distributed_optimizer_resume_problem(
+    args: argparse.Namespace, folder: Path, have_apex_or_te: bool | None = None
+) -> str | None:
+    """Resuming ``--use-distributed-optimizer`` from the ``torch_dist`` checkpoint ``folder``
+    with torch's own Adam (no Transformer Engine or Apex; ``have_apex_or_te``: megatron's
+    finding, read from megatron when None): refused. megatron-core 0.19.2 first builds the
+    optimizer's sharded state dict, whose ``DistributedOptimizer.state_dict`` asserts one
+    ``step`` over the per-parameter states of torch's Adam, which has none before its first
+    step: every rank stops with a bare AssertionError after start-up. (Giving torch's Adam an
+    empty state first gets past it, but the step count then stays 0 after the load and the
+    resumed run silently diverges: seen on CPU.) ``--ckpt-format torch`` checkpoints resume
+    correctly (``megatron_patches.fix_distributed_optimizer_loading``)."""
+    if not getattr(args, "use_distributed_optimizer", False):
+        return None
+    if getattr(args, "no_load_optim", False) or getattr(args, "finetune", False):
+        return None
+    if getattr(args, "optimizer", "adam") != "adam":
+        return None
+    if not (folder / "metadata.json").is_file():  # not torch_dist, or nothing to resume
+        return None
+    if have_apex_or_te is None:
+        from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+        have_apex_or_te = HAVE_APEX_OR_TE
+    if have_apex_or_te:
+        return None
+    return (
+        f"--use-distributed-optimizer resuming from the torch_dist checkpoint {folder} without "
+        "Transformer Engine or Apex: megatron-core cannot rebuild torch Adam's optimizer state "
+        "for that load (DistributedOptimizer.state_dict asserts on it). Resume from a "
+        "checkpoint saved with --ckpt-format torch, add --no-load-optim (weights only), or "
+        "drop --use-distributed-optimizer."
+    )
+
+
+def check_pretrained_dir(args: argparse.Namespace, prog: str) -> None:
+    """``--pretrained-checkpoint DIR`` (fine-tuning): megatron loads it when ``--load`` holds
+    no checkpoint yet, and megatron-core 0.19.2 finds a ``DIR`` without a usable checkpoint
+    only after building the model (a ``FileNotFoundError`` on every rank). Checked here, with
+    one line naming the folder, whenever the pretrained checkpoint is the one that will load."""
+    from megatron.rectify.checkpoint.errors import CheckpointToolError
+    from megatron.rectify.checkpoint.layout import missing_iteration_message, read_tracker
+
+    pretrained = getattr(args, "pretrained_checkpoint", None)
+    if pretrained is None or _has_tracker(getattr(args, "load", None)):
+        return
+    if not os.path.isdir(pretrained):
+        _fail(prog, f"--pretrained-checkpoint {pretrained}: no such folder")
+    try:
+        marker = read_tracker(pretrained)
+    except CheckpointToolError as error:
+        _fail(prog, f"--pretrained-checkpoint: {error}")
+    if marker is None:
+        _fail(
+            prog,
+            f"--pretrained-checkpoint {pretrained} holds no checkpoint (no "
+            "latest_checkpointed_iteration.txt): give the folder a training run saved with "
+            "--save, or a converted checkpoint (tools/checkpoint).",
+        )
+    from megatron.rectify.checkpoint.layout import iteration_folder_name
+
+    if marker != "release" and not (Path(pretrained) / iteration_folder_name(marker)).is_dir():
+        _fail(prog, f"--pretrained-checkpoint: {missing_iteration_message(pretrained, marker)}")
+
+
+def _has_tracker(folder: str | None) -> bool:
+    """megatron's ``checkpoint_exists``: the tracker file is there."""
+    from megatron.rectify.checkpoint.layout import TRACKER_FILE
+
+    return folder is not None and (Path(folder) / TRACKER_FILE).is_file()
 
 
 # ---- --use-checkpoint-args ----------------------------------------------------------------------
@@ -146,23 +256,31 @@ def restore_args_from_checkpoint(
 ) -> None:
     """``--use-checkpoint-args``: megatron's own restore (architecture, MoE shape), plus
     :data:`EXTRA_CHECKPOINT_MODEL_ARGS` and :data:`CHECKPOINT_ROUTING_ARGS`, before any
-    validation (megatron does it in its ``parse_and_validate_args``, which ours replaces).
+    validation, from the checkpoints megatron's ``parse_and_validate_args`` reads them from:
+    ``--pretrained-checkpoint`` first, then ``--load`` (whose values win). A ``--load`` folder
+    without a checkpoint yet is the first run of a fine-tuning job when a pretrained checkpoint
+    is given; with neither giving args the run stops (megatron would go on with the command
+    line's architecture, which is not what the flag asks for).
 
     ``argv``: the command line the args were parsed from (default ``sys.argv[1:]``), to tell
     the flags given explicitly from defaults."""
-    from megatron.training.checkpointing import load_args_from_checkpoint
-
-    if args.load is None:
-        _fail(prog, "--use-checkpoint-args needs --load DIR")
+    folders = [
+        (flag, dest, getattr(args, dest, None))
+        for flag, dest in (("--pretrained-checkpoint", "pretrained_checkpoint"), ("--load", "load"))
+    ]
+    folders = [(flag, dest, folder) for flag, dest, folder in folders if folder is not None]
+    if not folders:
+        _fail(prog, "--use-checkpoint-args needs --load DIR or --pretrained-checkpoint DIR")
     given = dict(vars(args))  # megatron overwrites some routing args even when given
-    try:
-        restored = load_args_from_checkpoint(args)
-    except Exception as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        _fail(prog, f"--use-checkpoint-args: cannot read the saved args in {args.load}: {first}")
-    if not isinstance(restored, tuple):  # megatron returns args alone when nothing was found
-        _fail(prog, f"--use-checkpoint-args: no checkpoint args in {args.load}")
-    _, checkpoint_args = restored
+    restored = [
+        saved
+        for flag, dest, folder in folders
+        if (saved := _checkpoint_args(args, dest, folder, prog, required=len(folders) == 1))
+    ]
+    if not restored:
+        names = " or ".join(f"{flag} {folder}" for flag, _, folder in folders)
+        _fail(prog, f"--use-checkpoint-args: no checkpoint args in {names}")
+    checkpoint_args = restored[-1]  # --load's, when it has a checkpoint
     for name in EXTRA_CHECKPOINT_MODEL_ARGS:
         if getattr(checkpoint_args, name, None) is not None:
             setattr(args, name, getattr(checkpoint_args, name))
@@ -173,6 +291,28 @@ def restore_args_from_checkpoint(
     if getattr(args, "rank", 0) == 0:
         for note in notes:
             print(f"{prog}: note: {note}", file=sys.stderr, flush=True)
+
+
+def _checkpoint_args(
+    args: argparse.Namespace, dest: str, folder: str, prog: str, required: bool
+) -> argparse.Namespace | None:
+    """megatron's ``load_args_from_checkpoint`` on the folder of ``args.<dest>`` (it updates
+    ``args`` in place); the checkpoint's args, or None when the folder has no checkpoint and
+    ``required`` is False."""
+    from megatron.training.checkpointing import load_args_from_checkpoint
+
+    if not required and not _has_tracker(folder):
+        return None
+    try:
+        restored = load_args_from_checkpoint(args, load_arg=dest)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        _fail(prog, f"--use-checkpoint-args: cannot read the saved args in {folder}: {first}")
+    if not isinstance(restored, tuple):  # megatron returns args alone when nothing was found
+        if required:
+            _fail(prog, f"--use-checkpoint-args: no checkpoint args in {folder}")
+        return None
+    return restored[1]
 
 
 def _flag_parser() -> argparse.ArgumentParser:
@@ -251,6 +391,14 @@ def apply_checkpoint_routing(
 # ---- a checkpoint that cannot be read -----------------------------------------------------------
 
 
+def is_legacy_torch_checkpoint(folder: Path) -> bool:
+    """``folder`` (an iteration folder) was written with ``--ckpt-format torch``: one
+    ``mp_rank_*`` folder of ``torch.save`` files per model-parallel rank and no
+    ``torch_dist`` index. The file checks here read that index, so they do not apply: a failed
+    load of such a checkpoint is reported by megatron itself."""
+    return not (folder / "metadata.json").exists() and any(folder.glob("mp_rank_*"))
+
+
 def corrupt_checkpoint_message(load_dir: str, marker: str, last_read: Sequence[str]) -> str | None:
     """One line naming the unreadable file of the iteration ``marker`` of ``load_dir`` and
     the newest earlier iteration whose files are complete; None when no file is at fault."""
@@ -262,6 +410,8 @@ def corrupt_checkpoint_message(load_dir: str, marker: str, last_read: Sequence[s
     from megatron.rectify.checkpoint.layout import TRACKER_FILE, iteration_folder_name
 
     folder = Path(load_dir) / iteration_folder_name(marker)
+    if is_legacy_torch_checkpoint(folder):  # --ckpt-format torch: no index to check against
+        return None
     problem = quick_check(folder)
     if problem is None and last_read:
         problem = find_unreadable_item(folder, keys=(), files=last_read)

@@ -100,13 +100,17 @@ def _build_gpt_model(
         layer_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         layer_spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=args.normalization)
+    mtp_block_spec = _mtp_block_spec(args, config, layer_spec, use_te, vp_stage)
     if not use_te and args.sequence_parallel:
         from megatron.rectify.norms import use_sequence_parallel_torch_norm
 
         use_sequence_parallel_torch_norm(layer_spec)
+        if mtp_block_spec is not None:
+            use_sequence_parallel_torch_norm(mtp_block_spec)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
+        mtp_block_spec=mtp_block_spec,
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
@@ -124,6 +128,41 @@ def _build_gpt_model(
     if eval_options is not None:
         install_eval_rectification(model, eval_options)
     return model
+
+
+def _mtp_block_spec(
+    args: argparse.Namespace,
+    config: Any,
+    layer_spec: Any,
+    use_te: bool,
+    vp_stage: int | None,
+) -> Any:
+    """The multi-token-prediction block of ``--mtp-num-layers`` (None without it, or where this
+    pipeline stage builds no MTP layer), as megatron's GPT builder makes it: each MTP layer wraps
+    the spec of the model's *last* decoder layer, here the rectified one, so an MTP layer of an
+    MoE model routes through ``RectifyMoELayer`` too.
+
+    megatron-core 0.19.2's ``GPTModel`` trusts ``config.mtp_num_layers`` in its loss even when no
+    MTP block was built, and then fails deep in the cross entropy (an IndexError): the block
+    must be built whenever the flag is set.
+    """
+    if not config.mtp_num_layers:
+        return None
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from megatron.rectify.layer_specs import rectify_layer_spec
+
+    if config.num_moe_experts:
+        # the model-wide list (not this stage's slice, which may be empty on early stages)
+        last_layer = gpt_layer_specs.get_gpt_decoder_layer_specs(
+            config, use_te, normalization=args.normalization
+        )[-1]
+        last_layer = rectify_layer_spec(last_layer)
+    else:
+        last_layer = layer_spec
+    return gpt_layer_specs.get_gpt_mtp_block_spec(
+        config, last_layer, use_transformer_engine=use_te, vp_stage=vp_stage
+    )
 
 
 def install_eval_rectification(model: torch.nn.Module, eval_options: RectifyOptions) -> None:
@@ -160,15 +199,20 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
 
 
-def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Tensor | None]:
+def get_batch(
+    data_iterator, vp_stage: int | None = None, mtp_on_this_rank: bool = False
+) -> dict[str, torch.Tensor | None]:
     """The micro-batch on this rank: read on TP rank 0, broadcast over TP, sliced for CP
-    (megatron-core 0.19's ``get_batch_on_this_tp_rank`` / ``get_batch_on_this_cp_rank``)."""
+    (megatron-core 0.19's ``get_batch_on_this_tp_rank`` / ``get_batch_on_this_cp_rank``).
+
+    ``mtp_on_this_rank``: this chunk holds multi-token-prediction layers, which need the input
+    tokens and positions (shifted) besides the labels, also on a last pipeline stage."""
     from megatron.core import parallel_state as mpu
     from megatron.core.utils import get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
     from megatron.training import get_args
     from megatron.training.utils import is_first_or_last_pipeline_stage
 
-    if not is_first_or_last_pipeline_stage(vp_stage):
+    if not (is_first_or_last_pipeline_stage(vp_stage) or mtp_on_this_rank):
         return dict.fromkeys(BATCH_KEYS)
     args = get_args()
     tp_rank = mpu.get_tensor_model_parallel_rank()
@@ -189,7 +233,7 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
         tp_rank=tp_rank,
         micro_batch_size=args.micro_batch_size,
         seq_length=args.seq_length,
-        mtp_on_this_rank=False,
+        mtp_on_this_rank=mtp_on_this_rank,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         is_pipeline_first_stage=mpu.is_pipeline_first_stage(),
         is_pipeline_last_stage=mpu.is_pipeline_last_stage(),
@@ -199,15 +243,33 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
     )
 
 
-def forward_step(data_iterator, model):
-    """One micro-batch: batch on this rank -> model -> loss function."""
+def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    """One micro-batch: batch on this rank -> model -> loss function.
+
+    ``return_schedule_plan``: megatron's overlapped expert-parallel schedule
+    (``--overlap-moe-expert-parallel-comm``, ``combined_1f1b``) asks for the model's schedule
+    plan (its layers split into nodes) instead of the output, as Megatron-LM's GPT recipe gives
+    it."""
     from megatron.core.utils import get_attr_wrapped_model
     from megatron.training import get_timers
 
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
-    batch = get_batch(data_iterator, get_attr_wrapped_model(model, "vp_stage"))
+    batch = get_batch(
+        data_iterator,
+        get_attr_wrapped_model(model, "vp_stage"),
+        mtp_on_this_rank=bool(get_attr_wrapped_model(model, "mtp_process")),
+    )
     timers("batch-generator").stop()
+    if return_schedule_plan:
+        schedule_plan = model.build_schedule_plan(
+            batch["tokens"],
+            batch["position_ids"],
+            batch["attention_mask"],
+            labels=batch["labels"],
+            loss_mask=batch["loss_mask"],
+        )
+        return schedule_plan, partial(loss_func, batch["loss_mask"])
     output_tensor = model(
         batch["tokens"],
         batch["position_ids"],

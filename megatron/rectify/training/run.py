@@ -49,6 +49,8 @@ def main() -> None:
         megatron_patches.report_routing_statistics_with_the_moe_metrics(STATISTIC_NAMES)
     if args.moe_use_upcycling:
         megatron_patches.fix_upcycling_load_keyword()
+    if args.use_distributed_optimizer:
+        megatron_patches.fix_distributed_optimizer_loading()
     if cpu:
         megatron_patches.allow_cpu_only_initialisation(training)
     import warnings
@@ -89,8 +91,8 @@ def print_routing_summary(layers: Iterable[torch.nn.Module]) -> None:
         or parallel_state.get_tensor_model_parallel_rank()
     ):
         return
-    summaries = [(layer.layer_number, layer.statistics_summary()) for layer in layers]
-    summaries = [(number, summary) for number, summary in summaries if summary]
+    summaries = [(_layer_label(layer), layer.statistics_summary()) for layer in layers]
+    summaries = [(label, summary) for label, summary in summaries if summary]
     if not summaries:
         return
     stage = parallel_state.get_pipeline_model_parallel_rank()
@@ -99,13 +101,24 @@ def print_routing_summary(layers: Iterable[torch.nn.Module]) -> None:
         "iterations):",
         flush=True,
     )
-    for number, summary in summaries:
+    for label, summary in summaries:
         print(
-            f"  MoE layer {number}: dropped {summary['dropped_pct']:.2f} % | padded "
+            f"  MoE layer {label}: dropped {summary['dropped_pct']:.2f} % | padded "
             f"{summary['padded_pct']:.2f} % | filled-in {summary['filled_in_pct']:.2f} % | "
             f"rectified {summary['rectified_pct']:.2f} %",
             flush=True,
         )
+
+
+def _layer_label(layer: torch.nn.Module) -> str:
+    """``3`` for decoder layer 3; ``3 (MTP 1)`` for multi-token-prediction layer 1 of a
+    2-layer decoder (the number megatron's per-layer MoE metrics use)."""
+    from megatron.rectify.training.built_models import model_layer_number
+
+    number = model_layer_number(layer)
+    if getattr(layer, "is_mtp_layer", False):
+        return f"{number} (MTP {layer.layer_number})"
+    return str(number)
 
 
 def _shut_down_distributed() -> None:
