@@ -83,14 +83,20 @@ bench-quality-upcycle: setup
 
 ## The paper's layout (one expert per EP rank: 4 experts on EP 4, 4 gloo processes) against the same
 ## model with all 4 experts on every rank (EP 1, same 4 processes and batch): Top-1, +IR, +FR, +FR+IR
-## at cf 1.0, 3 seeds; writes docs/results/quality_layout_ep4.md and quality_layout_ep1.md.
-LAYOUT_ARGS = --nproc 4 --num-experts 4 --micro-batch-size 4 --experiments grid \
-	--variants 'Top-1,Top-1+IR,Top-1+FR,Top-1+FR+IR'
+## at cf 1.0 and Top-1, +IR at cf 0.5, 3 seeds, 36 runs, about 43 minutes on 2 CPU cores; writes
+## docs/results/quality_layout_ep{4,1}.md and quality_layout_cf05_ep{4,1}.md.
+LAYOUT_ARGS = --nproc 4 --num-experts 4 --micro-batch-size 4
+LAYOUT_CF1 = --experiments grid --variants 'Top-1,Top-1+IR,Top-1+FR,Top-1+FR+IR'
+LAYOUT_CF05 = --experiments capacity --capacities 0.5 --variants 'Top-1,Top-1+IR'
 bench-quality-layout: setup
-	$(PY) -m benchmarks.quality $(LAYOUT_ARGS) --expert-parallel 4 --report-name quality_layout_ep4 \
-		$(QUALITY_ARGS)
-	$(PY) -m benchmarks.quality $(LAYOUT_ARGS) --expert-parallel 1 --report-name quality_layout_ep1 \
-		$(QUALITY_ARGS)
+	$(PY) -m benchmarks.quality $(LAYOUT_ARGS) $(LAYOUT_CF1) --expert-parallel 4 \
+		--report-name quality_layout_ep4 $(QUALITY_ARGS)
+	$(PY) -m benchmarks.quality $(LAYOUT_ARGS) $(LAYOUT_CF1) --expert-parallel 1 \
+		--report-name quality_layout_ep1 $(QUALITY_ARGS)
+	$(PY) -m benchmarks.quality $(LAYOUT_ARGS) $(LAYOUT_CF05) --expert-parallel 4 \
+		--report-name quality_layout_cf05_ep4 $(QUALITY_ARGS)
+	$(PY) -m benchmarks.quality $(LAYOUT_ARGS) $(LAYOUT_CF05) --expert-parallel 1 \
+		--report-name quality_layout_cf05_ep1 $(QUALITY_ARGS)
 
 ## Measured cost of the quality model's MoE layer (Top-1/Top-2, vanilla/FR+IR; ~3 minutes):
 ## docs/results/quality_layer_cost.json, for the compute-matched table in docs/results.md.

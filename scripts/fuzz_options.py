@@ -45,12 +45,31 @@ class Outcome:
     seconds: float
 
 
-def draw(rows: list[Row], rng: random.Random) -> tuple[list[Row], str]:
-    """One to three rows and a mode, none of whose cells is ``n/a`` (drawn again until so)."""
+#: Flags whose kernels need Transformer Engine or CUDA: on a CPU machine every run with them
+#: stops with one line (``environment_problems``), so ``--trainable`` leaves them out.
+GPU_ONLY_FLAGS = (
+    "--moe-permute-fusion",
+    "--moe-router-fusion",
+    "--fp8-format",
+    "--cuda-graph-impl",
+    "--delay-wgrad-compute",
+)
+
+
+def draw(rows: list[Row], rng: random.Random, trainable: bool) -> tuple[list[Row], str]:
+    """One to three rows and a mode, none of whose cells is ``n/a`` (drawn again until so);
+    ``trainable``: only cells the table says train (``tested`` / ``untested``), without
+    :data:`GPU_ONLY_FLAGS` on a machine without CUDA."""
+    import torch
+
+    wanted = ("tested", "untested") if trainable else ("tested", "refused", "untested")
+    skip = GPU_ONLY_FLAGS if trainable and not torch.cuda.is_available() else ()
     while True:
         chosen = rng.sample(rows, k=rng.choice((1, 1, 2, 2, 3)))
         mode = rng.choice(MODES)
-        if all(row.cells[mode].kind != "n/a" for row in chosen):
+        if all(row.cells[mode].kind in wanted for row in chosen) and not any(
+            flag in skip for row in chosen for flag in row.flags
+        ):
             return chosen, mode
 
 
@@ -142,12 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", type=int, default=None, help="rerun combination N only")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per combination")
     parser.add_argument("--out", type=Path, default=None, help="write the outcomes as JSON here")
+    parser.add_argument(
+        "--trainable",
+        action="store_true",
+        help="draw only combinations the table says train (and, without CUDA, no GPU-only flag)",
+    )
     args = parser.parse_args(argv)
     rows = read_table()
     rng = random.Random(args.seed)
     outcomes: list[Outcome] = []
     for index in range(args.count):
-        chosen, mode = draw(rows, rng)
+        chosen, mode = draw(rows, rng, args.trainable)
         if args.only is not None and index != args.only:
             continue
         flags, world = command_for(chosen, mode)
@@ -178,15 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     counts = {kind: sum(o.result == kind for o in outcomes) for kind in ("trained", "stopped")}
     failed = [o for o in outcomes if o.result == "FAILED"]
     print(
-        f"fuzz-options: {len(outcomes)} combinations (seed {args.seed}): {counts['trained']} "
+        f"fuzz-options: {len(outcomes)} combinations (seed {args.seed}"
+        f"{', trainable only' if args.trainable else ''}): {counts['trained']} "
         f"trained, {counts['stopped']} stopped with one line, {len(failed)} failed",
         flush=True,
     )
     for o in failed:
-        print(
-            f"  FAILED [{o.index}] rerun: python scripts/fuzz_options.py --seed {args.seed} "
-            f"--only {o.index}\n    {o.command}\n    {o.detail}"
-        )
+        again = f"--seed {args.seed}{' --trainable' if args.trainable else ''} --only {o.index}"
+        print(f"  FAILED [{o.index}] rerun: python scripts/fuzz_options.py {again}")
+        print(f"    {o.command}\n    {o.detail}")
     if args.out is not None:
         args.out.write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
     return 1 if failed else 0

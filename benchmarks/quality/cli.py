@@ -8,9 +8,11 @@
     python -m benchmarks.quality --data-path my_text_document --tokenizer-type ByteLevel
     python -m benchmarks.quality --report-only        # rebuild the report from finished runs
 
-Any flag this script does not know goes to ``pretrain_gpt_rectify.py`` verbatim (e.g.
-``--data-path``, ``--split``, ``--tokenizer-type``, ``--tokenizer-model``); it is part of every
-run's cache key. Finished runs are reused (``--force`` retrains), so an interrupted benchmark
+``--data-path`` (with ``--tokenizer-type`` and the tokenizer's files, as for
+``pretrain_gpt_rectify.py``) trains on your corpus instead of the embedded one; it is checked
+before the first run, and the report's header names it with its token counts. Any flag this
+script does not know goes to ``pretrain_gpt_rectify.py`` verbatim; both are part of every run's
+cache key. Finished runs are reused (``--force`` retrains), so an interrupted benchmark
 continues where it stopped.
 """
 
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.quality.data import add_data_args, data_flags, data_problem, describe_data
 from benchmarks.quality.plan import (
     EXPERIMENTS,
     RunSpec,
@@ -111,14 +114,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants", default=None, help="comma-separated paper names, e.g. Top-1,Top-1+FR+IR"
     )
     parser.add_argument("--capacities", default=DEFAULT_CAPACITIES, help="capacity sweep")
+    parser.add_argument(
+        "--ir-budgets",
+        default="",
+        help="comma-separated static-IR budgets (--moe-rectify-ir-capacity-factor): each IR "
+        "variant of the plan is also trained with each, e.g. 'Top-1+FR+IR (IR budget 0.25)'",
+    )
     parser.add_argument("--recipe", choices=("scratch", "upcycle"), default="scratch")
     for name in _SIZE_FLAGS:
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--gpus", type=int, default=0, help="GPUs per run (bf16, torchrun)")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="CPU processes (gloo ranks) per run without --gpus; default 2. With 4 and "
+        "--num-experts 4 --expert-parallel 4 every rank holds one expert (the paper's layout)",
+    )
     parser.add_argument("--expert-parallel", type=int, default=None, help="default: all ranks")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="run directories")
     parser.add_argument("--report-dir", type=Path, default=None, help="default: docs/results")
+    parser.add_argument(
+        "--report-name",
+        default=None,
+        help="the report's file stem (NAME.md, NAME_*.png); default: quality, or "
+        "quality_upcycle for --recipe upcycle. Give one to keep a separate experiment's report "
+        "from replacing the main one",
+    )
     parser.add_argument("--force", action="store_true", help="retrain finished runs")
     parser.add_argument("--report-only", action="store_true", help="no training")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and stop")
@@ -129,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default: fork on CPU (ranks forked from pre-imported megatron), torchrun on GPUs",
     )
+    add_data_args(parser)
     return parser
 
 
@@ -139,14 +163,32 @@ def settings_from(args: argparse.Namespace, extra: list[str]) -> Settings:
     values.update({name: getattr(args, name) for name in _SIZE_FLAGS if getattr(args, name)})
     if args.lr:
         values["lr"], values["min_lr"] = args.lr, args.lr / 10
-    nproc = args.gpus or 2
+    nproc = args.gpus or args.nproc or 2
     values.update(
         nproc=nproc,
         expert_parallel=args.expert_parallel or nproc,
         gpus=bool(args.gpus),
-        extra_args=tuple(extra),
+        extra_args=(*data_flags(args), *extra),
     )
     return Settings(**values)
+
+
+def layout_problem(settings: Settings) -> str | None:
+    """A process layout megatron would refuse at every run's start-up, as one line."""
+    if settings.nproc < 1:
+        return f"--nproc {settings.nproc}: give at least 1 process."
+    if settings.nproc % settings.expert_parallel or settings.num_experts % settings.expert_parallel:
+        return (
+            f"--expert-parallel {settings.expert_parallel} must divide the processes "
+            f"({settings.nproc}) and --num-experts ({settings.num_experts})."
+        )
+    if settings.global_batch_size % (settings.micro_batch_size * settings.nproc):
+        return (
+            f"--global-batch-size {settings.global_batch_size} is not a multiple of "
+            f"--micro-batch-size {settings.micro_batch_size} x {settings.nproc} data-parallel "
+            "ranks: lower --micro-batch-size."
+        )
+    return None
 
 
 def parse_capacities(text: str) -> list[float | None]:
@@ -159,8 +201,9 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
     if args.quick and not args.experiments and not args.variants:
         experiments, variants = ["grid"], ["Top-1", "Top-1+FR+IR"]
     seeds = args.seeds or ([1] if args.quick else [1, 2, 3])
+    ir_budgets = [float(item) for item in args.ir_budgets.split(",") if item]
     return experiment_specs(
-        experiments, seeds, variants, parse_capacities(args.capacities), args.recipe
+        experiments, seeds, variants, parse_capacities(args.capacities), args.recipe, ir_budgets
     )
 
 
@@ -270,9 +313,10 @@ def meta_for(
     started: float,
     argv: list[str],
 ) -> dict[str, Any]:
-    data = "embedded corpus (Python standard library sources, byte-level tokens, split 98/1/1)"
-    if any(flag in settings.extra_args for flag in ("--data-path", "--mock-data")):
-        data = f"user data: `{' '.join(settings.extra_args)}`"
+    if "--mock-data" in settings.extra_args:
+        data = "megatron's mock data (`--mock-data`)"
+    else:
+        data = describe_data(args)
     gpu = f"; {args.gpus} GPU(s)" if args.gpus else "; no GPU (CPU emulation, gloo)"
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -296,7 +340,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     started = time.time()
     args, extra = build_parser().parse_known_args(argv)
+    problem = data_problem(args)
+    if problem:  # before any run: a bad corpus would fail every run of the sweep in turn
+        print(f"python -m benchmarks.quality: error: {problem}", file=sys.stderr)
+        return 2
     settings = settings_from(args, extra)
+    problem = layout_problem(settings)
+    if problem:
+        print(f"python -m benchmarks.quality: error: {problem}", file=sys.stderr)
+        return 2
     specs = plan(args)
     args.out.mkdir(parents=True, exist_ok=True)
     report_dir = args.report_dir or (args.out / "quick-report" if args.quick else DEFAULT_REPORT)
@@ -313,7 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         print("no finished runs to report")
         return 1
     meta = meta_for(args, settings, records, failures, started, argv)
-    path = write_report(records, report_dir, meta, parse_capacities(args.capacities), args.recipe)
+    path = write_report(
+        records,
+        report_dir,
+        meta,
+        parse_capacities(args.capacities),
+        args.recipe,
+        args.report_name,
+    )
     check = target_check(group_runs(records), args.recipe)
     print(f"report: {path}")
     if check["available"]:

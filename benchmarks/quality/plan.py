@@ -32,6 +32,10 @@ INFERENCE_MODES_ELSEWHERE = ("ir+fr",)
 #: seeds then vary the fine-tuning (router initialisation, data order), not the starting point,
 #: which would otherwise add the dense models' spread to every variant's.
 UPCYCLE_DENSE_SEED = 1
+#: The capacity sweep's trained Top-1 variants at each finite capacity factor. The headline
+#: Top-1+FR+IR is among them: without it the sweep cannot say whether the headline gain holds
+#: away from capacity 1.0 (its cf-1.0 run is the grid's, so the sweep adds 3 runs per seed).
+CAPACITY_MODES = ("none", "ir", "fr", "ir+fr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,9 @@ class RunSpec:
     ``unit_gate``: vanilla Top-1 with the rectified router's gate weight (forward 1, gradient
     as if ``p``) instead of megatron's ``p``: the control that separates the effect of
     rectification from the effect of the gate scaling every rectified top-1 router has.
+
+    ``ir_capacity``: static IR's budget (``--moe-rectify-ir-capacity-factor``) for an IR
+    variant, ``None`` for dynamic IR; named ``Top-1+FR+IR (IR budget 0.25)``.
     """
 
     topk: int = 1
@@ -53,10 +60,13 @@ class RunSpec:
     eval_modes: tuple[str, ...] = ()
     dense: bool = False
     unit_gate: bool = False
+    ir_capacity: float | None = None
 
     def __post_init__(self) -> None:
         if self.unit_gate and (self.topk != 1 or self.rectify != "none"):
             raise ValueError("unit_gate is the vanilla Top-1 control (topk 1, rectify none)")
+        if self.ir_capacity is not None and "ir" not in self.rectify.split("+"):
+            raise ValueError("ir_capacity is static IR's budget: it needs an IR variant")
 
     @property
     def variant(self) -> str:
@@ -64,6 +74,8 @@ class RunSpec:
         if self.dense:
             return "Dense"
         suffix = {"none": "", "ir": "+IR", "fr": "+FR", "ir+fr": "+FR+IR"}[self.rectify]
+        if self.ir_capacity is not None:
+            suffix += f" (IR budget {self.ir_capacity:g})"
         return f"Top-{self.topk}{suffix}" + (" (gate 1)" if self.unit_gate else "")
 
     @property
@@ -76,6 +88,7 @@ class RunSpec:
         if self.dense:
             return f"dense_{self.recipe}_s{self.seed}"
         variant = self.variant.lower().replace("+", "-").replace(" (gate 1)", "-gate1")
+        variant = variant.replace(" (ir budget ", "-irb").replace(")", "")
         lb = "lb" if self.aux_loss else "nolb"
         recipe = "" if self.recipe == "scratch" else f"_{self.recipe}"
         return f"{variant}_cf{self.capacity_label}_{lb}{recipe}_s{self.seed}"
@@ -164,16 +177,20 @@ def experiment_specs(
     variants: Sequence[str] | None = None,
     capacities: Sequence[float | None] = (0.5, 0.75, 1.0, 1.5, None),
     recipe: str = "scratch",
+    ir_budgets: Sequence[float] = (),
 ) -> list[RunSpec]:
     """Every run the selected experiments need, deduplicated, in a stable order.
 
     - ``grid``: Top-1/Top-2 x {vanilla, +IR, +FR, +FR+IR} at capacity 1.0, load-balancing on;
-    - ``capacity``: Top-1, Top-1+IR, Top-1+FR at each capacity factor, plus dropless Top-1;
+    - ``capacity``: Top-1, Top-1+IR, Top-1+FR, Top-1+FR+IR at each capacity factor, plus
+      dropless Top-1;
     - ``inference``: the vanilla runs with a capacity are also evaluated with IR, FR and IR+FR
       switched on for evaluation only (extra passes on the same batches, no extra training);
     - ``lb``: Top-1 and Top-1+FR+IR at capacity 1.0 without the load-balancing loss.
 
-    ``variants`` (paper names, case-insensitive) keeps only matching runs.
+    ``variants`` (paper names, case-insensitive) keeps only matching runs. ``ir_budgets``
+    (``--ir-budgets``): every kept IR variant is also trained with static IR at each budget
+    (``Top-1+FR+IR (IR budget 0.25)``), next to its dynamic-IR run.
     """
     experiments = set(experiments)
     unknown = experiments - set(EXPERIMENTS)
@@ -186,6 +203,12 @@ def experiment_specs(
             spec
             for spec in _candidates(experiments, seed, capacities, recipe)
             if wanted is None or spec.variant.lower() in wanted
+        ]
+        runs += [
+            dataclasses.replace(spec, ir_capacity=budget)
+            for spec in list(runs)
+            if "ir" in spec.rectify.split("+")
+            for budget in ir_budgets
         ]
         if recipe == "upcycle" and runs:
             runs.insert(0, dense_spec(recipe))
@@ -209,7 +232,7 @@ def _candidates(
         runs.insert(1, RunSpec(seed=seed, recipe=recipe, unit_gate=True))
     if "capacity" in experiments:
         for capacity in capacities:
-            modes = ("none",) if capacity is None else ("none", "ir", "fr")
+            modes = ("none",) if capacity is None else CAPACITY_MODES
             runs += [
                 RunSpec(rectify=mode, capacity=capacity, seed=seed, recipe=recipe) for mode in modes
             ]
@@ -242,6 +265,8 @@ def run_key(spec: RunSpec, settings: Settings) -> str:
         "spec": dataclasses.asdict(spec),
         "settings": dataclasses.asdict(settings),
     }
+    if spec.ir_capacity is None:  # runs from before static IR keep their cache keys
+        payload["spec"].pop("ir_capacity")
     if spec.recipe == "scratch":  # the dense model's length matters to upcycled runs only
         payload["settings"].pop("dense_iters")
     elif not spec.dense:  # ... and so does which dense model they start from
@@ -270,6 +295,8 @@ def routing_args(spec: RunSpec, settings: Settings) -> list[str]:
     if spec.capacity is not None:
         args += ["--moe-expert-capacity-factor", f"{spec.capacity:g}"]
         args.append("--moe-pad-expert-input-to-capacity")
+    if spec.ir_capacity is not None:
+        args += ["--moe-rectify-ir-capacity-factor", f"{spec.ir_capacity:g}"]
     if spec.eval_modes:
         args += ["--quality-eval-modes", ",".join(spec.eval_modes)]
     if spec.unit_gate:

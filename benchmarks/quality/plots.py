@@ -65,8 +65,10 @@ def plot_loss_curves(groups: dict[GroupKey, list], recipe: str, path: Path) -> P
 def plot_capacity(
     groups: dict[GroupKey, list], recipe: str, capacities: Sequence[float | None], path: Path
 ) -> Path | None:
-    """Held-out loss vs capacity factor: Top-1, +IR, +FR trained, FR+IR at evaluation only,
-    dropless as a horizontal band (error bars: std over seeds)."""
+    """Held-out loss vs capacity factor: Top-1, +IR, +FR, +FR+IR trained, FR+IR at evaluation
+    only, dropless as a horizontal band (error bars: std over seeds). None (no file) unless
+    some series has at least two capacity factors: a single x value is a table row, not a
+    curve (the upcycle study runs capacity 1.0 only; its grid table has those numbers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,18 +78,22 @@ def plot_capacity(
     series = [("Top-1", "none", AS_TRAINED), ("Top-1+IR", "ir", AS_TRAINED)]
     series += [
         ("Top-1+FR", "fr", AS_TRAINED),
+        ("Top-1+FR+IR", "ir+fr", AS_TRAINED),
         ("Top-1 trained vanilla, FR+IR at eval", "none", "ir+fr"),
     ]
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    drawn = False
+    curves = []
     for label, mode, eval_mode in series:
         points = [
             (c, loss_stat(groups.get(GroupKey(1, mode, c, 0.01, recipe, False), []), eval_mode))
             for c in finite
         ]
         points = [(c, stat) for c, stat in points if stat is not None]
-        if not points:
-            continue
+        if points:
+            curves.append((label, eval_mode, points))
+    if not any(len(points) >= 2 for _, _, points in curves):
+        return None
+    figure, axis = plt.subplots(figsize=(7.5, 4.8))
+    for label, eval_mode, points in curves:
         style = ":" if eval_mode != AS_TRAINED else "-"
         axis.errorbar(
             [c for c, _ in points],
@@ -98,23 +104,20 @@ def plot_capacity(
             capsize=3,
             label=label,
         )
-        drawn = True
     dropless = loss_stat(groups.get(GroupKey(1, "none", None, 0.01, recipe, False), []))
     if dropless is not None:
         axis.axhline(dropless.mean, color="grey", linestyle="--", label="Top-1 dropless")
         axis.axhspan(
             dropless.mean - dropless.std, dropless.mean + dropless.std, color="grey", alpha=0.15
         )
-        drawn = True
-    if not drawn:
-        plt.close(figure)
-        return None
     axis.set_xlabel("expert capacity factor")
     axis.set_ylabel("held-out loss (nats/token)")
     axis.set_title("Held-out loss vs capacity factor (mean ± std over seeds)")
+    axis.set_xticks(finite)
     axis.grid(alpha=0.3)
-    axis.legend()
+    # outside the axes: inside, it covers points whichever corner it picks
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path

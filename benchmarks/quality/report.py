@@ -30,11 +30,13 @@ def write_report(
     meta: dict[str, Any],
     capacities: Sequence[float | None],
     recipe: str = "scratch",
+    name: str | None = None,
 ) -> Path:
     """Write ``quality.md`` (``quality_upcycle.md`` for the upcycle recipe, so both reports can
-    live side by side) and its PNGs into ``report_dir``; return the markdown path."""
+    live side by side; ``name`` instead, for an experiment that must not replace either) and
+    its PNGs into ``report_dir``; return the markdown path."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    stem = "quality" if recipe == "scratch" else f"quality_{recipe}"
+    stem = name or ("quality" if recipe == "scratch" else f"quality_{recipe}")
     groups = group_runs(records)
     curves = plot_loss_curves(groups, recipe, report_dir / f"{stem}_loss_curves.png")
     capacity_plot = plot_capacity(groups, recipe, capacities, report_dir / f"{stem}_capacity.png")
@@ -108,7 +110,8 @@ def _meta_lines(meta: dict[str, Any]) -> list[str]:
         f"summed over runs); this invocation: {meta['invocation_s'] / 60:.1f} min",
         f"- Model: {settings['num_layers']} layers, hidden {settings['hidden_size']}, "
         f"{settings['num_attention_heads']} heads, sequence {settings['seq_length']}, "
-        f"{settings['num_experts']} experts, EP = {settings['expert_parallel']} on "
+        f"{settings['num_experts']} experts, EP = {settings['expert_parallel']} "
+        f"({_per_rank(settings['num_experts'] // settings['expert_parallel'])}) on "
         f"{settings['nproc']} {'GPUs (bf16)' if settings['gpus'] else 'CPU processes (gloo)'}; "
         f"block flags `{' '.join(settings.get('architecture_args') or ()) or 'megatron defaults'}`",
         f"- Training: {settings['train_iters']} iterations x {settings['global_batch_size']} "
@@ -134,6 +137,10 @@ def _meta_lines(meta: dict[str, Any]) -> list[str]:
     if meta.get("failures"):
         lines.append(f"- FAILED runs (missing from the tables): {', '.join(meta['failures'])}")
     return lines
+
+
+def _per_rank(experts: int) -> str:
+    return f"{experts} expert{'' if experts == 1 else 's'} per rank"
 
 
 def _target_lines(check: dict[str, Any]) -> list[str]:

@@ -69,6 +69,7 @@ class GroupKey:
     recipe: str
     dense: bool
     unit_gate: bool = False
+    ir_capacity: float | None = None  # static IR's budget (None: dynamic IR)
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> GroupKey:
@@ -81,6 +82,7 @@ class GroupKey:
             spec["recipe"],
             spec["dense"],
             spec.get("unit_gate", False),
+            spec.get("ir_capacity"),
         )
 
 

@@ -64,6 +64,15 @@ def grid_table(groups: dict[GroupKey, list], recipe: str, aux: float = 0.01) -> 
         keys = [GroupKey(topk, mode, 1.0, aux, recipe, False) for mode in VANILLA_MODES]
         if topk == 1:
             keys.insert(1, GroupKey(1, "none", 1.0, aux, recipe, False, True))
+        keys += sorted(  # static IR (--ir-budgets), after the variants it is a budget of
+            (
+                k
+                for k in groups
+                if k.ir_capacity is not None
+                and k == GroupKey(topk, k.rectify, 1.0, aux, recipe, False, False, k.ir_capacity)
+            ),
+            key=lambda k: (VANILLA_MODES.index(k.rectify), k.ir_capacity),
+        )
         for key in keys:
             runs = groups.get(key)
             if not runs:
@@ -106,7 +115,8 @@ def grid_table(groups: dict[GroupKey, list], recipe: str, aux: float = 0.01) -> 
 def capacity_table(
     groups: dict[GroupKey, list], recipe: str, capacities: Sequence[float | None]
 ) -> list[str]:
-    """Top-1, +IR, +FR (trained) and vanilla with FR+IR at evaluation only, per capacity."""
+    """Top-1, +IR, +FR, +FR+IR (trained) and vanilla with FR+IR at evaluation only, per
+    capacity."""
     rows = []
     for capacity in capacities:
         vanilla = groups.get(GroupKey(1, "none", capacity, 0.01, recipe, False))
@@ -114,7 +124,7 @@ def capacity_table(
             continue
         cells = [
             _cell(groups.get(GroupKey(1, mode, capacity, 0.01, recipe, False)), vanilla)
-            for mode in ("none", "ir", "fr")
+            for mode in ("none", "ir", "fr", "ir+fr")
         ]
         inference = _cell(vanilla, vanilla, "ir+fr") if capacity is not None else "—"
         label = "dropless" if capacity is None else f"{capacity:g}"
@@ -126,6 +136,7 @@ def capacity_table(
         "Top-1",
         "Top-1+IR",
         "Top-1+FR",
+        "Top-1+FR+IR",
         "Top-1, FR+IR at eval only",
         "Top-1 dropped %",
         "Top-1 padded %",

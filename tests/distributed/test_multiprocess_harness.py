@@ -184,3 +184,25 @@ def test_megatron_moe_layer_ep2_forward_backward() -> None:
         assert rank_out["num_local_experts"] == 2
         assert rank_out["expert_grad_norm"] > 0
     assert out[0]["gpu_init_router"] == out[1]["gpu_init_router"]
+
+
+def _uneven_gather(rank: int, world_size: int) -> list[list[float]]:
+    import torch
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    sizes = [2, 3]
+    x = torch.full((sizes[rank], 2), float(rank + 1), device="cuda", requires_grad=True)
+    gathered = gather_from_sequence_parallel_region(x, output_split_sizes=sizes)
+    gathered.sum().backward()  # megatron's backward: an uneven reduce-scatter (gloo has it)
+    assert dist.get_backend() == "gloo"
+    return [gathered[:, 0].tolist(), x.grad[:, 0].tolist()]
+
+
+def test_megatron_gathers_uneven_sizes_over_gloo() -> None:
+    """megatron's alltoall dispatcher with expert TP > 1 and no padding gathers each TP rank's
+    received tokens with uneven sizes; gloo refuses those, the emulation pads them."""
+    out = run_distributed(_uneven_gather, 2, tensor_model_parallel_size=2)
+    for rank in range(2):
+        assert out[rank][0] == [1.0, 1.0, 2.0, 2.0, 2.0]
+        assert out[rank][1] == [2.0] * [2, 3][rank]  # both ranks' sums flow back

@@ -122,7 +122,8 @@ def test_target_check_needs_a_gap_above_twice_the_larger_spread() -> None:
 
 def test_plan_deduplicates_shared_runs_and_marks_inference_runs() -> None:
     specs = plan.experiment_specs(plan.EXPERIMENTS, seeds=[1, 2])
-    assert len(specs) == len(set(specs)) == 2 * 21
+    # grid 9, capacity 4 x 4 + dropless (cf 1.0's four are the grid's), lb 2
+    assert len(specs) == len(set(specs)) == 2 * 24
     by_slug = {spec.slug: spec for spec in specs}
     assert by_slug["top-1_cf1_lb_s1"].eval_modes == ("ir", "fr", "ir+fr")
     assert by_slug["top-1_cf0.5_lb_s1"].eval_modes == ("ir+fr",)
@@ -175,7 +176,12 @@ def test_report_from_records_has_tables_and_plots(tmp_path: Path) -> None:
         "data": "synthetic",
         "failures": [],
     }
-    path = report.write_report(records, tmp_path, meta, [1.0])
+    records += [
+        _record(variant, mode, s, loss + 0.01 * s, capacity=0.5)
+        for variant, mode, loss in (("Top-1", "none", 2.8), ("Top-1+FR+IR", "ir+fr", 2.6))
+        for s in (1, 2, 3)
+    ]
+    path = report.write_report(records, tmp_path, meta, [0.5, 1.0])
     text = path.read_text()
     assert "the target **holds**" in text
     assert "| Top-1+FR+IR | 3 | 2.5200 ± 0.0100" in text
@@ -183,3 +189,169 @@ def test_report_from_records_has_tables_and_plots(tmp_path: Path) -> None:
     assert f"{math.exp(2.72):.3f}" in text
     assert (tmp_path / "quality_loss_curves.png").stat().st_size > 1000
     assert (tmp_path / "quality_capacity.png").stat().st_size > 1000
+
+
+def test_static_ir_budgets_are_their_own_variants_in_plan_and_grid_table() -> None:
+    specs = plan.experiment_specs(
+        ["grid"], [1], variants=["Top-1", "Top-1+FR+IR"], ir_budgets=[0.25]
+    )
+    assert [spec.variant for spec in specs] == [
+        "Top-1",
+        "Top-1+FR+IR",
+        "Top-1+FR+IR (IR budget 0.25)",
+    ]
+    budget = specs[-1]
+    assert budget.slug == "top-1-fr-ir-irb0.25_cf1_lb_s1"
+    args = plan.routing_args(budget, plan.Settings())
+    assert args[args.index("--moe-rectify-ir-capacity-factor") + 1] == "0.25"
+    assert "--moe-rectify-ir-capacity-factor" not in plan.routing_args(specs[1], plan.Settings())
+    assert plan.run_key(budget, plan.Settings()) != plan.run_key(specs[1], plan.Settings())
+    with pytest.raises(ValueError, match="needs an IR variant"):
+        plan.RunSpec(rectify="fr", ir_capacity=0.25)
+
+    records = (
+        [_record("Top-1", "none", s, 2.7) for s in (1, 2, 3)]
+        + [_record("Top-1+FR+IR", "ir+fr", s, 2.5) for s in (1, 2, 3)]
+        + [
+            _record("Top-1+FR+IR (IR budget 0.25)", "ir+fr", s, 2.6, ir_capacity=0.25)
+            for s in (1, 2, 3)
+        ]
+    )
+    lines = tables_grid(records)
+    rows = [line.split(" | ")[:2] for line in lines if line.startswith("| Top-1+FR+IR")]
+    assert rows == [["| Top-1+FR+IR", "3"], ["| Top-1+FR+IR (IR budget 0.25)", "3"]]
+    assert "-0.1000" in next(line for line in lines if "IR budget" in line)  # vs vanilla
+
+
+def tables_grid(records: list[dict]) -> list[str]:
+    from benchmarks.quality import tables
+
+    return tables.grid_table(stats.group_runs(records), "scratch")
+
+
+def test_capacity_sweep_trains_the_headline_series_and_plots_only_curves(tmp_path: Path) -> None:
+    from benchmarks.quality import plots, tables
+
+    specs = plan.experiment_specs(["capacity"], [1])
+    headline = [spec.capacity for spec in specs if spec.variant == "Top-1+FR+IR"]
+    assert headline == [0.5, 0.75, 1.0, 1.5]  # not dropless: nothing to rectify there
+    assert len(specs) == 4 * 4 + 1
+
+    records = [
+        _record(variant, mode, s, loss + 0.01 * s, capacity=capacity)
+        for capacity in (0.5, 1.0)
+        for variant, mode, loss in (("Top-1", "none", 2.7), ("Top-1+FR+IR", "ir+fr", 2.5))
+        for s in (1, 2, 3)
+    ]
+    groups = stats.group_runs(records)
+    lines = tables.capacity_table(groups, "scratch", [0.5, 1.0])
+    header = lines[0].split(" | ")
+    row = lines[2].split(" | ")
+    assert row[0] == "| 0.5"
+    assert row[header.index("Top-1+FR+IR")] == "2.5200 ± 0.0100 (Δ -0.2000)"
+    assert plots.plot_capacity(groups, "scratch", [0.5, 1.0], tmp_path / "two.png")
+    assert (tmp_path / "two.png").stat().st_size > 1000
+    # one capacity factor (the upcycle study): a table row, not a "vs capacity" plot
+    one = stats.group_runs([r for r in records if r["spec"]["capacity"] == 1.0])
+    assert plots.plot_capacity(one, "scratch", [0.5, 1.0], tmp_path / "one.png") is None
+    assert not (tmp_path / "one.png").exists()
+
+
+def _tiny_corpus(prefix: Path, documents: int = 100, length: int = 10, top: int = 200) -> str:
+    import numpy as np
+
+    from megatron.rectify.data.indexed_writer import AtomicIndexedDatasetWriter
+
+    with AtomicIndexedDatasetWriter(prefix, np.uint16) as writer:
+        for number in range(documents):
+            writer.add_document(np.full(length, number % top, dtype=np.uint16))
+            if number == documents - 1:
+                writer.add_document(np.array([top], dtype=np.uint16))
+        writer.commit()
+    return str(prefix)
+
+
+def test_data_flags_reach_every_run_and_the_report_header(tmp_path: Path) -> None:
+    from benchmarks.quality import cli, data
+
+    prefix = _tiny_corpus(tmp_path / "corpus")
+    argv = ["--data-path", prefix, "--tokenizer-type", "ByteLevel", "--experiments", "grid"]
+    args, extra = cli.build_parser().parse_known_args(argv)
+    assert data.data_problem(args) is None
+    settings = cli.settings_from(args, extra)
+    for spec in cli.plan(args):
+        command = plan.training_args(spec, settings, "/runs/x", "/runs/dense")
+        at = command.index("--data-path")
+        assert command[at : at + 6] == [
+            *("--data-path", prefix, "--split", data.DEFAULT_SPLIT),
+            *("--tokenizer-type", "ByteLevel"),
+        ]
+    default = cli.settings_from(*cli.build_parser().parse_known_args([]))
+    assert default.extra_args == ()  # the embedded corpus's runs keep their cache keys
+    assert plan.run_key(plan.RunSpec(), settings) != plan.run_key(plan.RunSpec(), default)
+
+    header = data.describe_data(args)
+    # 101 documents (100 of 10 tokens, one of 1): split 98,1,1 -> documents 0-98, 99, 100
+    assert header.startswith(f"`--data-path {prefix}`; `{prefix}`: 101 documents, 1,001 tokens")
+    assert "(train 990, validation 10, test 1); split 98,1,1; tokenizer ByteLevel" in header
+
+
+def test_bad_data_flags_stop_the_benchmark_in_one_line_before_any_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.quality import cli
+
+    good = _tiny_corpus(tmp_path / "good")
+    wide = _tiny_corpus(tmp_path / "wide", top=300)  # ids up to 300: not byte-level data
+    (tmp_path / "cut.bin").write_bytes(b"\0" * 8)
+    (tmp_path / "cut.idx").write_bytes(b"MMIDIDX\0\0")
+    cases = {
+        ("--data-path", str(tmp_path / "nothing"), "--tokenizer-type", "ByteLevel"): (
+            "no dataset at prefix"
+        ),
+        ("--data-path", str(tmp_path / "cut"), "--tokenizer-type", "ByteLevel"): "is truncated",
+        ("--data-path", good): "--data-path needs --tokenizer-type",
+        ("--data-path", good, "--tokenizer-type", "GPT2BPETokenizer"): "needs --vocab-file",
+        (
+            "--data-path",
+            good,
+            "--tokenizer-type",
+            "HuggingFaceTokenizer",
+            "--tokenizer-model",
+            str(tmp_path / "no-model"),
+        ): "--tokenizer-model",
+        ("--data-path", wide, "--tokenizer-type", "ByteLevel"): "token id 300",
+        ("--data-path", good, "--tokenizer-type", "ByteLevel", "--split", "100,0,0"): (
+            "leaves the held-out set"
+        ),
+        ("--data-path", good, "--tokenizer-type", "ByteLevel", "--split", "90,5,5"): None,
+        ("--tokenizer-type", "ByteLevel"): "--tokenizer-type without --data-path",
+    }
+    for number, (argv, expected) in enumerate(cases.items()):
+        out = tmp_path / f"runs{number}"
+        code = cli.main([*argv, "--out", str(out), "--dry-run"])
+        captured = capsys.readouterr()
+        if expected is None:
+            assert code == 0, captured.err
+            continue
+        assert code == 2, argv
+        lines = captured.err.splitlines()
+        assert len(lines) == 1 and expected in lines[0], (argv, captured.err)
+        assert lines[0].startswith("python -m benchmarks.quality: error: ")
+        assert not out.exists()  # stopped before anything was made
+
+
+def test_layer_cost_cases_are_the_quality_models_layer() -> None:
+    from benchmarks.quality import layer_cost
+
+    settings = plan.Settings()
+    cases = layer_cost.quality_cases()
+    assert [case.topk for case in cases] == [1, 2]
+    for case in cases:
+        assert case.tokens == settings.micro_batch_size * settings.seq_length
+        assert (case.hidden, case.experts, case.ep) == (
+            settings.hidden_size,
+            settings.num_experts,
+            settings.expert_parallel,
+        )
+        assert case.ffn == 320  # megatron's --swiglu default at hidden 128 (the runs' logs)

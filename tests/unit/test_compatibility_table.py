@@ -111,3 +111,29 @@ def test_refused_cells_are_refused_and_tested_cells_are_not(
             assert problems, (row.option, mode)  # the script prints the first, one line
         else:
             assert problems == [], (row.option, mode, problems)
+
+
+def test_rows_run_on_a_layout_that_fits_at_most_four_processes() -> None:
+    from megatron.rectify.dev.compatibility_table import layout
+
+    assert layout([]) == (2, ["--expert-model-parallel-size", "2"])
+    tp2 = ["--tensor-model-parallel-size", "2"]  # expert-TP 2 (megatron's default: TP)
+    assert layout(tp2) == (4, ["--expert-model-parallel-size", "2"])
+    assert layout([*tp2, "--pipeline-model-parallel-size", "2"]) == (4, [])  # no room for EP 2
+    assert layout(["--context-parallel-size", "2"]) == (2, ["--expert-model-parallel-size", "2"])
+    assert layout(["--expert-model-parallel-size", "4"]) == (4, [])
+
+
+def test_the_fuzz_tells_a_one_line_stop_from_a_crash() -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from fuzz_options import classify
+
+    error = "pretrain_gpt_rectify.py: error: --x needs --y"
+    assert classify([(0, " iteration        2/       2 |", ""), (0, "", "")])[0] == "trained"
+    assert classify([(0, "", ""), (0, "", "")])[0] == "FAILED"  # exit 0 without training
+    assert classify([(2, "", f"warning\n{error}\n"), (2, "", f"{error}\n")]) == ("stopped", error)
+    assert classify([(2, "", f"{error}\n"), (-9, "", "")])[0] == "stopped"  # killed peer
+    assert classify([(1, "", "Traceback (most recent call last):\n  ...\nValueError: x")])[0] == (
+        "FAILED"
+    )
+    assert classify([(2, "", f"{error}\n{error}\n")])[0] == "FAILED"  # two lines

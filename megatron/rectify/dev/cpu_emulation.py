@@ -39,6 +39,10 @@ What is patched, and why:
 * ``moe_utils.maybe_move_tensor_to_cpu`` only converts CUDA tensors, so all-to-all split sizes
   stayed tensors and gloo's ``all_to_all_single`` raised ``TypeError``: CPU tensors are converted
   the same way (to numpy when asked).
+* ``torch.distributed.all_gather`` into tensors of different first-dimension sizes: NCCL does
+  it (megatron's alltoall dispatcher gathers the tokens received by each TP rank this way, with
+  expert TP > 1 and no padding), gloo refuses ("invalid tensor size"). Gloo gets every rank's
+  rows padded to the longest and trimmed after, the same values NCCL gathers.
 * ``CUDA_DEVICE_MAX_CONNECTIONS=1`` is set if unset: megatron asserts it for TP > 1.
 
 Later megatron imports are patched by a ``sys.meta_path`` hook; already-imported ones directly.
@@ -352,6 +356,33 @@ def _iter_loaded_megatron_modules() -> Iterator[tuple[ModuleType, Callable[[Modu
             yield module, patch
 
 
+def _patch_uneven_all_gather() -> None:
+    """Let gloo's ``all_gather`` fill output tensors whose first dimensions differ (see the
+    module docstring); equal sizes and asynchronous calls go to torch's own function."""
+    import torch.distributed as dist
+
+    original = dist.all_gather
+    if getattr(original, "rectify_uneven", False):
+        return
+
+    def all_gather(tensor_list: list, tensor: torch.Tensor, group: Any = None, async_op=False):
+        rows = {t.shape[0] for t in tensor_list}
+        trailing = {tuple(t.shape[1:]) for t in [*tensor_list, tensor]}
+        if len(rows) <= 1 or async_op or len(trailing) != 1:
+            return original(tensor_list, tensor, group=group, async_op=async_op)
+        padded = tensor.new_zeros((max(rows), *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        gathered = [torch.empty_like(padded) for _ in tensor_list]
+        original(gathered, padded, group=group)
+        for output, full in zip(tensor_list, gathered, strict=True):
+            output.copy_(full[: output.shape[0]])
+        return None
+
+    all_gather.rectify_uneven = True  # type: ignore[attr-defined]
+    all_gather.__wrapped__ = original  # type: ignore[attr-defined]
+    dist.all_gather = all_gather
+
+
 def activate() -> None:
     """Redirect ``torch.cuda`` to the CPU for this process (idempotent; refuses on CUDA)."""
     global _ACTIVE
@@ -360,6 +391,7 @@ def activate() -> None:
     _refuse_if_cuda()
     _patch_torch_cuda()
     _patch_tensors()
+    _patch_uneven_all_gather()
     for module, patch in _iter_loaded_megatron_modules():
         patch(module)
     sys.meta_path.insert(0, _PostImportHook())
