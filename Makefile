@@ -87,7 +87,7 @@ bench-quality-upcycle: setup
 ## docs/results/quality_layout_ep{4,1}.md and quality_layout_cf05_ep{4,1}.md.
 LAYOUT_ARGS = --nproc 4 --num-experts 4 --micro-batch-size 4
 LAYOUT_CF1 = --experiments grid --variants 'Top-1,Top-1+IR,Top-1+FR,Top-1+FR+IR'
-LAYOUT_CF05 = --experiments capacity --capacities 0.5 --variants 'Top-1,Top-1+IR'
+LAYOUT_CF05 = --experiments capacity --capacities 0.5 --variants 'Top-1,Top-1+IR,Top-1+FR,Top-1+FR+IR'
 bench-quality-layout: setup
 	$(PY) -m benchmarks.quality $(LAYOUT_ARGS) $(LAYOUT_CF1) --expert-parallel 4 \
 		--report-name quality_layout_ep4 $(QUALITY_ARGS)

@@ -221,9 +221,14 @@ def _single(*extra: str) -> subprocess.CompletedProcess:
         # megatron's own bare assert, made readable:
         (["--save", "/nonexistent/checkpoints"], "args.save_interval is not None"),
         (["--moe-token-dispatcher-type", "flex"], "--moe-token-dispatcher-type alltoall or allg"),
-        (["--num-experts", "3", "--expert-model-parallel-size", "2"], "not divisible"),
+        # one line: the first problem (the other, 3 experts over 2 EP ranks, comes after it)
+        (["--num-experts", "3", "--expert-model-parallel-size", "2"], "does not fit 1 processes"),
         (["--moe-rectify-ir-trigger", "any"], "--moe-rectify-ir-trigger"),
-        (["--moe-rectify-eval", "ir", "--moe-expert-capacity-factor", "8"], "--moe-rectify-eval"),
+        (
+            ["--moe-rectify", "none", "--moe-rectify-eval", "ir"]
+            + ["--moe-expert-capacity-factor", "8"],
+            "--moe-rectify-eval ir:",
+        ),
     ],
 )
 def test_bad_flags_exit_early_with_a_message(extra: list[str], message: str) -> None:
