@@ -14,7 +14,7 @@ demo: setup
 	$(PY) scripts/demo.py
 
 ## The whole test suite (CPU-only machines included): lint, then every tier (tests/README.md);
-## the GPU tier skips itself without CUDA. About 10.5 minutes on 2 CPU cores.
+## the GPU tier skips itself without CUDA. About 14 minutes on 2 CPU cores (tests/README.md).
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
