@@ -11,15 +11,12 @@ import sys
 
 import pytest
 
+from megatron.rectify.dev.compatibility_table import BASE as COMPATIBILITY_BASE
+
 PROG = "pretrain_gpt_rectify.py"
-BASE = [
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--seq-length", "64", "--max-position-embeddings", "64",
-    "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "2", "--lr", "1e-3",
-    "--num-experts", "4", "--moe-router-topk", "1", "--moe-router-pre-softmax",
-    "--moe-expert-capacity-factor", "1.0", "--moe-token-dispatcher-type", "alltoall",
-    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "256",
-]  # fmt: skip
+#: The tiny MoE command line the compatibility table's rows are checked on (2 iterations,
+#: mock data, alltoall, capacity 1.0): one definition for both.
+BASE = list(COMPATIBILITY_BASE)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
