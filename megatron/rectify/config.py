@@ -22,6 +22,7 @@ Two objects live here:
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from math import inf
 from typing import Any
@@ -119,6 +120,22 @@ class RectifyOptions:
 
 #: The static-IR flag (``RectifyOptions.ir_capacity_factor``).
 IR_CAPACITY_FLAG = "--moe-rectify-ir-capacity-factor"
+#: Its value for dynamic IR (the default, None): needed on the command line to turn a budget
+#: off that ``--use-checkpoint-args`` would otherwise restore from the checkpoint.
+IR_CAPACITY_DYNAMIC = "dynamic"
+
+
+def parse_ir_capacity_factor(text: str) -> float | None:
+    """The flag's argparse ``type``: a number, or ``dynamic`` for None (dynamic IR). Range
+    checks are :func:`ir_capacity_factor_value_problem`'s, shared with the config."""
+    if text.strip().lower() == IR_CAPACITY_DYNAMIC:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number (e.g. 0.25) or {IR_CAPACITY_DYNAMIC!r}, got {text!r}"
+        ) from None
 
 
 def ir_capacity_factor_value_problem(factor: object) -> str | None:
@@ -129,7 +146,8 @@ def ir_capacity_factor_value_problem(factor: object) -> str | None:
         return (
             f"{IR_CAPACITY_FLAG} must be a positive number (got {factor!r}): it sizes the static "
             f"IR batch, ceil(tokens * top-k / experts * F) rows per local expert. Use e.g. "
-            f"{IR_CAPACITY_FLAG} 0.25, or leave it unset for dynamic IR."
+            f"{IR_CAPACITY_FLAG} 0.25, or {IR_CAPACITY_FLAG} {IR_CAPACITY_DYNAMIC} (the "
+            f"default) for dynamic IR."
         )
     return None
 

@@ -67,3 +67,8 @@ def test_the_static_ir_budget_comes_from_the_checkpoint_unless_given() -> None:
     notes = apply_checkpoint_routing(args, saved, dict(vars(args)), explicit_options(argv))
     assert notes == ["--moe-rectify-ir-capacity-factor 0.5 overrides the checkpoint's 0.25"]
     assert args.moe_rectify_ir_capacity_factor == 0.5
+    argv = ["--moe-rectify-ir-capacity-factor", "dynamic"]  # the only way back to dynamic IR
+    args = _parsed(argv)
+    notes = apply_checkpoint_routing(args, saved, dict(vars(args)), explicit_options(argv))
+    assert notes == ["--moe-rectify-ir-capacity-factor dynamic overrides the checkpoint's 0.25"]
+    assert args.moe_rectify_ir_capacity_factor is None

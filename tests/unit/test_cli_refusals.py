@@ -263,6 +263,10 @@ def test_the_transformer_config_refuses_it_too(factor: float) -> None:
         (["--moe-rectify-ir-capacity-factor", "0"], "must be a positive number"),
         (["--moe-rectify-ir-capacity-factor", "-0.5"], "must be a positive number"),
         (["--moe-rectify-ir-capacity-factor", "inf"], "must be a positive number"),
+        (
+            ["--moe-rectify-ir-capacity-factor", "half"],
+            "expected a number (e.g. 0.25) or 'dynamic'",
+        ),
         (["--moe-rectify", "fr", "--moe-rectify-ir-capacity-factor", "0.5"], "runs no IR"),
         (
             ["--moe-rectify", "none", "--moe-rectify-ir-capacity-factor", "0.5"],
@@ -286,6 +290,13 @@ def test_static_ir_is_accepted_with_ir_in_training_or_evaluation(parse, mode_fla
     config = core_transformer_config_from_args(args, RectifyTransformerConfig)
     options = eval_rectify_options(args) or config.rectify_options
     assert options.intra_gpu and options.ir_capacity_factor == 0.25  # reaches the router
+
+
+def test_static_ir_dynamic_is_the_default_said_explicitly(parse) -> None:
+    assert (
+        parse("--moe-rectify-ir-capacity-factor", "dynamic", *MOCK).moe_rectify_ir_capacity_factor
+        is None
+    )
 
 
 # ---- item 8: a split megatron would build from no document --------------------------------------

@@ -25,6 +25,7 @@ from megatron.rectify.config import (
     RectifyOptions,
     dispatcher_problem,
     ir_capacity_factor_problem,
+    parse_ir_capacity_factor,
     rectify_options_from_config,
     rectifying_modes,
     validate_rectify_settings,
@@ -70,7 +71,7 @@ def add_rectify_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     )
     group.add_argument(
         "--moe-rectify-ir-capacity-factor",
-        type=float,
+        type=parse_ir_capacity_factor,
         default=None,
         metavar="F",
         help="Static IR: give each local expert a fixed B = ceil(tokens * top-k / experts * F) "
@@ -78,7 +79,8 @@ def add_rectify_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "that lost the most top-k choices, then by probability. Trades lost tokens for speed: "
         "tokens beyond the budget are not rescued (counted as lost / ir_over_budget), but IR "
         "adds no host sync and its shapes are static (CUDA-graph capturable). Default: dynamic "
-        "IR, every triggered token rescued, 4 host syncs per layer call. Needs ir in "
+        "IR, every triggered token rescued, 4 host syncs per layer call; 'dynamic' asks for it "
+        "explicitly (e.g. over a checkpoint's budget with --use-checkpoint-args). Needs ir in "
         "--moe-rectify (or --moe-rectify-eval).",
     )
     group.add_argument(

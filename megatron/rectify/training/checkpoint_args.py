@@ -352,7 +352,11 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def _shown(value: Any) -> str:
+def _shown(value: Any, name: str = "") -> str:
+    if value is None and name == "moe_rectify_ir_capacity_factor":
+        from megatron.rectify.config import IR_CAPACITY_DYNAMIC
+
+        return IR_CAPACITY_DYNAMIC
     if isinstance(value, list | tuple):
         return " ".join(str(v) for v in value)
     return str(value)
@@ -384,7 +388,9 @@ def apply_checkpoint_routing(
         if action.nargs == 0:
             notes.append(f"{flag} overrides the checkpoint's {name}={_shown(saved)}")
         else:
-            notes.append(f"{flag} {_shown(mine)} overrides the checkpoint's {_shown(saved)}")
+            notes.append(
+                f"{flag} {_shown(mine, name)} overrides the checkpoint's {_shown(saved, name)}"
+            )
     return notes
 
 
