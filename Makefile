@@ -83,7 +83,7 @@ bench-quality-upcycle: setup
 
 ## The paper's layout (one expert per EP rank: 4 experts on EP 4, 4 gloo processes) against the same
 ## model with all 4 experts on every rank (EP 1, same 4 processes and batch): Top-1, +IR, +FR, +FR+IR
-## at cf 1.0 and Top-1, +IR at cf 0.5, 3 seeds, 36 runs, about 43 minutes on 2 CPU cores; writes
+## at cf 1.0 and 0.5, 3 seeds, 48 runs, about 45 minutes on 2 CPU cores (36-105 s per run); writes
 ## docs/results/quality_layout_ep{4,1}.md and quality_layout_cf05_ep{4,1}.md.
 LAYOUT_ARGS = --nproc 4 --num-experts 4 --micro-batch-size 4
 LAYOUT_CF1 = --experiments grid --variants 'Top-1,Top-1+IR,Top-1+FR,Top-1+FR+IR'
