@@ -8,7 +8,6 @@ per-MoE-layer routing statistics (dropped / padded / filled-in / rectified %).
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -18,8 +17,13 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from megatron.rectify.dev.tiny_model import RECTIFIED_ROUTING, subprocess_env  # noqa: E402
+
 OUT = REPO / "checkpoints" / "demo"
 
+#: Larger than the tests' tiny model (4 layers, width 128, 8 experts); the same rectified routing.
 MODEL = [
     "--num-layers",
     "4",
@@ -33,20 +37,9 @@ MODEL = [
     "128",
     "--num-experts",
     "8",
-    "--moe-router-topk",
-    "1",
-    "--moe-router-pre-softmax",
-    "--moe-expert-capacity-factor",
-    "1.0",
-    "--moe-pad-expert-input-to-capacity",
-    "--moe-token-dispatcher-type",
-    "alltoall",
+    *RECTIFIED_ROUTING,
     "--moe-aux-loss-coeff",
     "0.01",
-    "--moe-rectify",
-    "ir+fr",
-    "--moe-rectify-ir-trigger",
-    "ignore_kth",
 ]
 TRAINING = [
     "--micro-batch-size",
@@ -108,9 +101,7 @@ def main() -> int:
         f"the embedded corpus, {where}; log: {log_path}",
         flush=True,
     )
-    env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1", "PYTHONUNBUFFERED": "1"}
-    if not gpus:
-        env["OMP_NUM_THREADS"] = "1"
+    env = subprocess_env(one_cpu_thread=not gpus)
     start = time.time()
     with open(log_path, "w") as log:
         process = subprocess.Popen(

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from megatron.rectify.dev.compatibility_table import MODES, Row, command_for, read_table  # noqa: E402
+from megatron.rectify.dev.tiny_model import subprocess_env  # noqa: E402
 
 
 @dataclass
@@ -74,18 +75,15 @@ def draw(rows: list[Row], rng: random.Random, trainable: bool) -> tuple[list[Row
 
 
 def _env(rank: int, world: int, port: int) -> dict[str, str]:
-    return {
-        **os.environ,
-        "RANK": str(rank),
-        "LOCAL_RANK": str(rank),
-        "WORLD_SIZE": str(world),
-        "LOCAL_WORLD_SIZE": str(world),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "OMP_NUM_THREADS": "1",
-        "CUDA_DEVICE_MAX_CONNECTIONS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
+    """The child-process environment plus what torchrun would export for one local rank."""
+    return subprocess_env(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
 
 
 def launch(

@@ -8,7 +8,6 @@ checkpoint work on a copy (:func:`copy_checkpoint`).
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -17,39 +16,22 @@ from pathlib import Path
 
 import pytest
 
+from megatron.rectify.dev.tiny_model import (
+    MOCK_DATA,
+    NO_EVAL,
+    RECTIFIED_ROUTING,
+    TINY_MODEL,
+    TINY_SCHEDULE,
+    TRAINING_RUN,
+    subprocess_env,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 
 #: The routing of the saved run: what ``--use-checkpoint-args`` must bring back.
-ROUTING = [
-    "--moe-router-topk", "1",
-    "--moe-router-pre-softmax",
-    "--moe-expert-capacity-factor", "1.0",
-    "--moe-pad-expert-input-to-capacity",
-    "--moe-token-dispatcher-type", "alltoall",
-    "--moe-rectify", "ir+fr",
-    "--moe-rectify-ir-trigger", "ignore_kth",
-]  # fmt: skip
-#: Everything else: model, data, schedule, logging.
-BASE = [
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--seq-length", "64", "--max-position-embeddings", "64",
-    "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "20",
-    "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "2",
-    "--num-experts", "4", "--moe-aux-loss-coeff", "0.01",
-    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "256",
-    "--hidden-dropout", "0", "--attention-dropout", "0",
-    "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "0",
-    "--cpu-emulation",
-]  # fmt: skip
-
-
-def env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "CUDA_DEVICE_MAX_CONNECTIONS": "1",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
+ROUTING = list(RECTIFIED_ROUTING)
+#: Everything else: model, data, schedule (20 iterations: checkpoints at 10 and 20), logging.
+BASE = [*TINY_MODEL, *TINY_SCHEDULE, *TRAINING_RUN, *MOCK_DATA, *NO_EVAL, "--cpu-emulation"]
 
 
 def pretrain(*args: str, torchrun: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -67,7 +49,7 @@ def pretrain(*args: str, torchrun: bool = True, timeout: int = 300) -> subproces
         ]
     command = [*launcher, str(REPO / "pretrain_gpt_rectify.py"), *args]
     return subprocess.run(
-        command, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout
+        command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -5,7 +5,6 @@ Tiny model, mock data; each run is a real megatron training loop with the rectif
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -13,77 +12,35 @@ from pathlib import Path
 
 import pytest
 
+from megatron.rectify.dev.mode import CHECK_REPLICAS_ENV
+from megatron.rectify.dev.tiny_model import (
+    MOCK_DATA,
+    RECTIFIED_ROUTING,
+    TINY_MODEL,
+    TINY_SCHEDULE,
+    TRAINING_RUN,
+    subprocess_env,
+)
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
+#: The tiny model trained with the full rectified routing; evaluation every 10 iterations for 2
+#: (the runs evaluate too, and a test compares test-set losses). Extra flags come after these
+#: and win.
 TINY = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--seq-length",
-    "64",
-    "--max-position-embeddings",
-    "64",
-    "--micro-batch-size",
-    "4",
-    "--global-batch-size",
-    "8",
-    "--train-iters",
-    "20",
-    "--lr",
-    "1e-3",
-    "--min-lr",
-    "1e-4",
-    "--lr-decay-style",
-    "cosine",
-    "--lr-warmup-iters",
-    "2",
-    "--num-experts",
-    "4",
-    "--moe-router-topk",
-    "1",
-    "--moe-router-pre-softmax",
-    "--moe-expert-capacity-factor",
-    "1.0",
-    "--moe-pad-expert-input-to-capacity",
-    "--moe-token-dispatcher-type",
-    "alltoall",
-    "--moe-aux-loss-coeff",
-    "0.01",
-    "--moe-rectify",
-    "ir+fr",
-    "--moe-rectify-ir-trigger",
-    "ignore_kth",
-    "--mock-data",
-    "--tokenizer-type",
-    "NullTokenizer",
-    "--vocab-size",
-    "256",
-    "--hidden-dropout",
-    "0",
-    "--attention-dropout",
-    "0",
-    "--log-interval",
-    "1",
-    "--eval-interval",
-    "10",
-    "--eval-iters",
-    "2",
+    *TINY_MODEL,
+    *TINY_SCHEDULE,
+    *TRAINING_RUN,
+    *RECTIFIED_ROUTING,
+    *MOCK_DATA,
+    *("--eval-interval", "10", "--eval-iters", "2"),
     "--cpu-emulation",
 ]
 
 
 def _env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "MEGATRON_RECTIFY_CHECK_REPLICAS": "1",
-        "CUDA_DEVICE_MAX_CONNECTIONS": "1",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
+    return subprocess_env(**{CHECK_REPLICAS_ENV: "1"})
 
 
 def torchrun(nproc: int, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -17,19 +17,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megatron.rectify.dev.tiny_model import MOCK_DATA as MOCK
+from megatron.rectify.dev.tiny_model import (
+    NULL_TOKENIZER,
+    RECTIFY_IR_FR,
+    TINY_MODEL,
+    TINY_SCHEDULE,
+    TOP1_ROUTING,
+)
+
 REPO = Path(__file__).resolve().parents[2]
 PROG = "pretrain_gpt_rectify.py"
+#: The tiny model, trained with IR+FR, no data flags (each test names its data). Evaluation
+#: every 10 iterations for 2, so that the validation and test splits are read (the split
+#: refusals are about them).
 BASE = [
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--seq-length", "64", "--max-position-embeddings", "64",
-    "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "20", "--lr", "1e-3",
-    "--num-experts", "4", "--moe-router-topk", "1", "--moe-router-pre-softmax",
-    "--moe-expert-capacity-factor", "1.0", "--moe-token-dispatcher-type", "alltoall",
-    "--moe-rectify", "ir+fr", "--moe-rectify-ir-trigger", "ignore_kth",
+    *TINY_MODEL, *TINY_SCHEDULE, *TOP1_ROUTING, *RECTIFY_IR_FR,
     "--eval-interval", "10", "--eval-iters", "2", "--cpu-emulation",
 ]  # fmt: skip
-NULL_TOKENIZER = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "256"]
-MOCK = ["--mock-data", *NULL_TOKENIZER]
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),  # megatron's argument warnings

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from megatron.rectify.dev.tiny_model import (
+    MOCK_DATA,
+    RECTIFY_IR_FR,
+    TINY_MODEL,
+    TINY_SCHEDULE,
+    TOP1_ROUTING,
+)
+
 PROG = "pretrain_gpt_rectify.py"
-BASE = [
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--seq-length", "64", "--max-position-embeddings", "64",
-    "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "20", "--lr", "1e-3",
-    "--num-experts", "4", "--moe-router-topk", "1", "--moe-router-pre-softmax",
-    "--moe-expert-capacity-factor", "1.0", "--moe-token-dispatcher-type", "alltoall",
-    "--moe-rectify", "ir+fr", "--moe-rectify-ir-trigger", "ignore_kth",
-    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "256", "--cpu-emulation",
-]  # fmt: skip
+BASE = [*TINY_MODEL, *TINY_SCHEDULE, *TOP1_ROUTING, *RECTIFY_IR_FR, *MOCK_DATA, "--cpu-emulation"]
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),  # megatron's argument warnings

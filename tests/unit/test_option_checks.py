@@ -13,13 +13,14 @@ import sys
 import pytest
 
 from megatron.rectify.config import IR_CAPACITY_FLAG
+from megatron.rectify.dev.tiny_model import TINY_MODEL, TINY_SCHEDULE
 
 PROG = "pretrain_gpt_rectify.py"
+#: The tiny model and schedule with this module's own routing (top-2 at capacity 1.0, alltoall,
+#: no rectify flags: each test adds its own); megatron's parse only, so no data or CPU flags.
 BASE = [
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--seq-length", "64", "--max-position-embeddings", "64",
-    "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "20", "--lr", "1e-3",
-    "--num-experts", "4", "--moe-router-topk", "2", "--moe-expert-capacity-factor", "1.0",
+    *TINY_MODEL, *TINY_SCHEDULE,
+    "--moe-router-topk", "2", "--moe-expert-capacity-factor", "1.0",
     "--moe-token-dispatcher-type", "alltoall",
 ]  # fmt: skip
 OVERLAP = ["--overlap-moe-expert-parallel-comm", "--expert-model-parallel-size", "2", "--bf16"]

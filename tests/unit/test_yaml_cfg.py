@@ -18,19 +18,16 @@ from typing import Any
 
 import pytest
 
+from megatron.rectify.dev.tiny_model import MOCK_DATA, TINY_MODEL, TOP1_ROUTING, tiny_schedule
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
 
-TINY = [
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--seq-length", "64", "--max-position-embeddings", "64",
-    "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "3", "--lr", "1e-3",
-    "--num-experts", "4", "--moe-router-topk", "1", "--moe-router-pre-softmax",
-    "--moe-expert-capacity-factor", "1.0", "--moe-token-dispatcher-type", "alltoall",
-    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "256",
-]  # fmt: skip
+#: The tiny model, 3 iterations, top-1 routing, no rectify flags (megatron's YAML path knows
+#: none) and no CPU emulation (only megatron's parse, validation and optimizer set-up run).
+TINY = [*TINY_MODEL, *tiny_schedule(train_iters=3), *TOP1_ROUTING, *MOCK_DATA]
 
 #: Read by ``validate_yaml`` at the top level although they are ``TransformerConfig`` fields;
 #: ``validate_yaml`` refuses a key that is both at the top level and in ``language_model``.

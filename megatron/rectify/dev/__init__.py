@@ -10,6 +10,8 @@
   megatron's ``parallel_state`` initialised.
 * :mod:`~megatron.rectify.dev.replica_check` - after a test run, every data-parallel replica
   must hold the same weights.
+* :mod:`~megatron.rectify.dev.tiny_model` - the tiny MoE GPT command line (in named pieces) and
+  child-process environment that tests, the compatibility table and the scripts share.
 
 Importing this package has no side effects.
 """

@@ -27,6 +27,14 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron.rectify.dev.tiny_model import (
+    MOCK_DATA,
+    NO_EVAL,
+    TINY_MODEL,
+    TOP1_ROUTING,
+    tiny_schedule,
+)
+
 MODES = ("none", "fr", "ir", "ir+fr")
 KINDS = ("tested", "refused", "untested", "n/a")
 HEADER = ("option", "flags", *MODES)
@@ -105,17 +113,17 @@ def read_table(page: Path = PAGE) -> list[Row]:
 
 # ---- running a row -----------------------------------------------------------------------------
 
-#: The tiny MoE command line a row's flags are added to (2 iterations; a row's flags come after
-#: these, so a row may override them, e.g. more layers for virtual pipeline stages).
+#: The tiny MoE command line a row's flags are added to (2 iterations of micro-batches of 2, no
+#: rectify mode: :func:`command_for` adds it; a row's flags come after these, so a row may
+#: override them, e.g. more layers for virtual pipeline stages).
 BASE = [
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--seq-length", "64", "--max-position-embeddings", "64",
-    "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "2",
-    "--lr", "1e-3", "--num-experts", "4", "--moe-router-topk", "1", "--moe-router-pre-softmax",
-    "--moe-expert-capacity-factor", "1.0", "--moe-token-dispatcher-type", "alltoall",
-    "--moe-aux-loss-coeff", "0.01", "--disable-bias-linear", "--mock-data",
-    "--tokenizer-type", "NullTokenizer", "--vocab-size", "256",
-    "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "0",
+    *TINY_MODEL,
+    *tiny_schedule(train_iters=2, micro_batch_size=2),
+    *TOP1_ROUTING,
+    "--moe-aux-loss-coeff", "0.01", "--disable-bias-linear",
+    *MOCK_DATA,
+    "--log-interval", "1",
+    *NO_EVAL,
     "--cpu-emulation",
 ]  # fmt: skip
 MAX_PROCESSES = 4
