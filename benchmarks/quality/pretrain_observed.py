@@ -49,6 +49,10 @@ _TOTAL_NAMES = ("num_requests", "slots", "num_tokens")
 _current_eval_label = [AS_TRAINED]
 #: layer -> {evaluation label -> summed counts}, over every evaluation call.
 _eval_totals: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Whether this rank prints the evaluation summary. Decided while the process groups exist:
+#: the summary is printed after ``pretrain`` has torn them down, when every rank would read
+#: itself as data-parallel rank 0 (and all of them printed, the last one read by the report).
+_prints_eval_summary = [False]
 
 
 def dropless_statistics(probs: torch.Tensor, routing_map: torch.Tensor, topk: int):
@@ -96,6 +100,7 @@ def observe_routing(layer, stats, training: bool) -> None:
         if training:
             layer.record_statistics(stats)
     if not layer.training:
+        _prints_eval_summary[0] = is_first_data_parallel_rank()
         per_label = _eval_totals.setdefault(layer, {})
         accumulate(per_label.setdefault(_current_eval_label[0], {}), stats)
 
@@ -106,23 +111,32 @@ def install_observer() -> None:
     add_routing_observer(observe_routing)
 
 
-def print_eval_summary() -> None:
-    """Per MoE layer: routing rates over every evaluation call (first data-parallel rank)."""
+def is_first_data_parallel_rank() -> bool:
+    """The rank whose tokens the summaries report: data- and tensor-parallel rank 0, as for the
+    training summary (``megatron.rectify.training.run.print_routing_summary``)."""
     from megatron.core import parallel_state
 
+    return (
+        parallel_state.get_data_parallel_rank() == 0
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+    )
+
+
+def print_eval_summary() -> None:
+    """Per MoE layer: routing rates over every evaluation call (first data-parallel rank)."""
     from megatron.rectify.statistics import routing_rates
     from megatron.rectify.training.built_models import BUILT_MODELS
 
-    if (
-        parallel_state.get_data_parallel_rank() != 0
-        or parallel_state.get_tensor_model_parallel_rank()
-    ):
+    if not _prints_eval_summary[0]:
         return
     layers = BUILT_MODELS.moe_layers()
     observed = [(layer.layer_number, _eval_totals.get(layer, {})) for layer in layers]
     if not any(per_label for _, per_label in observed):
         return
-    print(f"{EVAL_SUMMARY_HEADER} (this rank's tokens, all evaluation passes):", flush=True)
+    print(
+        f"{EVAL_SUMMARY_HEADER} (data-parallel rank 0's tokens, all evaluation passes):",
+        flush=True,
+    )
     for number, per_label in observed:
         for label, totals in per_label.items():
             r = routing_rates(totals)

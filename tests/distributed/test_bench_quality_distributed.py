@@ -65,6 +65,9 @@ def test_quick_run_trains_parses_evaluates_rectified_and_caches(tmp_path: Path) 
     assert vanilla["lost_pct"] == pytest.approx(vanilla["dropped_pct"], abs=0.01)
     assert rectified["lost_pct"] == 0 and rectified["filled_in_pct"] > 0
     assert record["train_routing"]["mean"]["dropped_pct"] > 0  # vanilla runs are counted too
+    # one rank's summary (data-parallel rank 0), not one per rank with the last one parsed
+    log = result.with_name("train.log").read_text()
+    assert log.count("quality eval routing summary") == 1
     assert len(record["curve"]) >= 2
     assert (tmp_path / "report" / "quality.md").exists()
 
