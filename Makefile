@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit test-distributed test-gpu fuzz-options lint format bench-quality bench-quality-upcycle bench-quality-layout bench-quality-layer-cost bench-perf bench-router bench-layer bench-at-scale clean-venv
+.PHONY: setup demo test test-unit test-distributed test-gpu fuzz-options lint format bench-quality bench-quality-upcycle bench-quality-layout bench-quality-layout-ep8 bench-quality-layer-cost bench-perf bench-router bench-layer bench-at-scale clean-venv
 
 setup: $(VENV)/.setup-stamp
 
@@ -97,6 +97,16 @@ bench-quality-layout: setup
 		--report-name quality_layout_cf05_ep4 $(QUALITY_ARGS)
 	$(PY) -m benchmarks.quality $(LAYOUT_ARGS) $(LAYOUT_CF05) --expert-parallel 1 \
 		--report-name quality_layout_cf05_ep1 $(QUALITY_ARGS)
+
+## The paper's layout with 8 experts: one per rank (EP 8) against four per rank (EP 2, the main
+## study's layout), both on the same 8 gloo processes and batch (2 sequences per rank): Top-1, +IR,
+## +FR, +FR+IR at cf 1.0, 3 seeds, 24 runs; writes docs/results/quality_layout_8x_ep{8,2}.md.
+LAYOUT_8X_ARGS = --nproc 8 --num-experts 8 --micro-batch-size 2 $(LAYOUT_CF1)
+bench-quality-layout-ep8: setup
+	$(PY) -m benchmarks.quality $(LAYOUT_8X_ARGS) --expert-parallel 8 \
+		--report-name quality_layout_8x_ep8 $(QUALITY_ARGS)
+	$(PY) -m benchmarks.quality $(LAYOUT_8X_ARGS) --expert-parallel 2 \
+		--report-name quality_layout_8x_ep2 $(QUALITY_ARGS)
 
 ## Measured cost of the quality model's MoE layer (Top-1/Top-2, vanilla/FR+IR; ~3 minutes):
 ## docs/results/quality_layer_cost.json, for the compute-matched table in docs/results.md.
