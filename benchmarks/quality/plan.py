@@ -118,8 +118,8 @@ class Settings:
 
     Defaults are the CPU size: 2 gloo processes, EP = 2 (4 experts per rank), a 2-layer
     Llama-style MoE GPT with byte-level tokens, chosen so the whole default grid fits in under
-    an hour on two cores (72 runs, 38.9 min measured on 2026-12-02) while rectified and vanilla routing differ by more
-    than the seed spread.
+    an hour on two cores (72 runs, 38.9 min measured on 2026-12-02) while rectified and
+    vanilla routing differ by more than the seed spread.
     """
 
     num_layers: int = 2
